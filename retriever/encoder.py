@@ -114,6 +114,10 @@ class Encoder:
 
     def _load_model(self):
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        # A causal-LM checkpoint loaded as its base model reports lm_head as unused: expected.
+        hf_logging.set_verbosity_error()
 
         model = AutoModel.from_pretrained(self.resolved.path,
                                           dtype=self.placement.weight_dtype)

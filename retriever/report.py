@@ -1,0 +1,184 @@
+"""Comparison reports for a models x datasets matrix: table, significance, plots, HTML.
+
+The table is shaped like the papers' tables: datasets as rows, models as columns, an average
+row, the best score per row in bold, and a dagger where a model differs from the baseline by
+a two-sided paired t-test over per-query scores with p < 0.05.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+
+from scipy import stats
+
+SIGNIFICANCE = 0.05
+
+
+def paired_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Two-sided paired t-test of ``a`` against ``b``: (t statistic, p value).
+
+    Identical samples give (0, 1); a constant non-zero difference gives (inf, 0).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    n = len(a)
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {n}")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    if variance == 0:
+        return (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    t = mean / math.sqrt(variance / n)
+    p = 2 * stats.t.sf(abs(t), df=n - 1)
+    return t, float(p)
+
+
+@dataclass
+class Cell:
+    value: float
+    per_query: dict[str, float] = field(default_factory=dict)
+
+
+# results[dataset][model] -> Cell
+Results = dict[str, dict[str, Cell]]
+
+
+def significance(results: Results, baseline: str) -> dict[tuple[str, str], float]:
+    """p-values of every model against ``baseline`` per dataset, over shared queries."""
+    out = {}
+    for dataset, row in results.items():
+        if baseline not in row:
+            continue
+        base = row[baseline].per_query
+        for model, cell in row.items():
+            if model == baseline:
+                continue
+            shared = sorted(set(base) & set(cell.per_query))
+            if len(shared) >= 2:
+                _, p = paired_t_test([cell.per_query[q] for q in shared],
+                                     [base[q] for q in shared])
+                out[(dataset, model)] = p
+    return out
+
+
+def markdown_table(results: Results, models: list[str], metric: str = "ndcg@10",
+                   baseline: str | None = None) -> str:
+    pvalues = significance(results, baseline) if baseline else {}
+    head = f"| dataset | " + " | ".join(models) + " |"
+    lines = [f"{metric}" + (f" (dagger: p < {SIGNIFICANCE} vs {baseline}, two-sided paired "
+                            "t-test)" if baseline else ""), "", head,
+             "|---|" + "---:|" * len(models)]
+    columns: dict[str, list[float]] = {m: [] for m in models}
+    for dataset, row in results.items():
+        best = max((row[m].value for m in models if m in row), default=None)
+        cells = []
+        for model in models:
+            if model not in row:
+                cells.append("-")
+                continue
+            value = row[model].value
+            columns[model].append(value)
+            text = f"{value:.4f}"
+            if pvalues.get((dataset, model), 1.0) < SIGNIFICANCE:
+                text += "†"
+            cells.append(f"**{text}**" if value == best else text)
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    averages = {m: sum(v) / len(v) for m, v in columns.items() if v}
+    best_avg = max(averages.values(), default=None)
+    cells = [(f"**{averages[m]:.4f}**" if averages[m] == best_avg else f"{averages[m]:.4f}")
+             if m in averages else "-" for m in models]
+    lines.append("| *average* | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart_png(results: Results, models: list[str], metric: str = "ndcg@10") -> bytes:
+    """Grouped bars: one group per dataset, one bar per model; labelled axes and legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(results)
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(datasets) + 2), 4.2), dpi=110)
+    for i, model in enumerate(models):
+        xs = [d + (i - (len(models) - 1) / 2) * width for d in range(len(datasets))]
+        ys = [results[ds][model].value if model in results[ds] else 0.0 for ds in datasets]
+        ax.bar(xs, ys, width=width * 0.95, label=model)
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels(datasets, rotation=20 if len(datasets) > 5 else 0, ha="center")
+    ax.set_xlabel("dataset")
+    ax.set_ylabel(metric.upper().replace("@", "@"))
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{metric} per dataset and model")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="model", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _markdown_to_html_table(markdown: str) -> str:
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    out = ["<table>"]
+    for index, line in enumerate(rows):
+        if index == 1:
+            continue  # the |---| rule
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        tag = "th" if index == 0 else "td"
+        rendered = []
+        for cell in cells:
+            text = html.escape(cell)
+            if text.startswith("**") and text.endswith("**"):
+                text = f"<b>{text[2:-2]}</b>"
+            if text.startswith("*") and text.endswith("*"):
+                text = f"<i>{text[1:-1]}</i>"
+            rendered.append(f"<{tag}>{text}</{tag}>")
+        out.append("<tr>" + "".join(rendered) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def html_report(title: str, sections: list[tuple[str, str]], images: list[tuple[str, bytes]]
+                ) -> str:
+    """A self-contained page: Markdown tables rendered as HTML tables, PNGs inlined."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+             "</title><style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:.3em .7em;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "th{background:#f3f3f3}img{max-width:100%}p.note{color:#555}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for heading, markdown in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        lines = markdown.splitlines()
+        notes = [line for line in lines if line and not line.startswith("|")]
+        for note in notes:
+            parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        parts.append(_markdown_to_html_table(markdown))
+    for caption, png in images:
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
+                     f"src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def throughput_table(rows: list[dict], price_per_hour: float, hardware: str) -> str:
+    """docs/s, tokens/s and cost per million documents for each encode run."""
+    lines = [f"Encoding throughput on {hardware}; cost at ${price_per_hour:.2f}/hour: "
+             "cost per 1M docs = 1e6 / (docs/s) / 3600 x price.", "",
+             "| model | dataset | docs | docs/s | tokens/s | $ per 1M docs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        docs_per_s = row.get("docs_per_s") or 0.0
+        cost = (1e6 / docs_per_s / 3600 * price_per_hour) if docs_per_s else float("nan")
+        lines.append(f"| {row['model']} | {row['dataset']} | {row.get('docs', 0)} | "
+                     f"{docs_per_s:.1f} | {row.get('tokens_per_s', 0.0):.0f} | {cost:.2f} |")
+    return "\n".join(lines)

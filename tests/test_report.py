@@ -1,0 +1,67 @@
+import math
+import random
+
+import pytest
+from scipy import stats
+
+from retriever.report import (Cell, bar_chart_png, html_report, markdown_table, paired_t_test,
+                              throughput_table)
+
+
+def test_paired_t_test_matches_scipy_on_known_case():
+    rng = random.Random(7)
+    a = [rng.random() for _ in range(40)]
+    b = [x - 0.05 + rng.gauss(0, 0.1) for x in a]
+    t, p = paired_t_test(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert t == pytest.approx(ref.statistic, rel=1e-10)
+    assert p == pytest.approx(ref.pvalue, rel=1e-8)
+    # textbook case (differences 1,2,3,4,5 -> t = 3/sqrt(2.5/5) = 4.2426)
+    t, p = paired_t_test([2, 4, 6, 8, 10], [1, 2, 3, 4, 5])
+    assert t == pytest.approx(3 / math.sqrt(0.5))
+    assert p == pytest.approx(stats.ttest_rel([2, 4, 6, 8, 10], [1, 2, 3, 4, 5]).pvalue)
+
+
+def test_paired_t_test_edge_cases():
+    assert paired_t_test([1, 2, 3], [1, 2, 3]) == (0.0, 1.0)
+    assert paired_t_test([2, 3, 4], [1, 2, 3])[1] == 0.0
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_t_test([1, 2], [1])
+
+
+def _results():
+    q = [f"q{i}" for i in range(30)]
+    strong = {k: 0.8 for k in q}
+    weak = {k: 0.2 + 0.01 * i for i, k in enumerate(q)}
+    same = {k: 0.2 + 0.01 * i + (0.001 if i % 2 else -0.001) for i, k in enumerate(q)}
+    return {"scifact": {"bm25": Cell(sum(weak.values()) / 30, weak),
+                        "minilm": Cell(0.8, strong), "other": Cell(sum(same.values()) / 30, same)},
+            "cranfield": {"bm25": Cell(0.3, weak), "minilm": Cell(0.2, weak)}}
+
+
+def test_markdown_table_bold_best_average_and_dagger():
+    table = markdown_table(_results(), ["bm25", "minilm", "other"], baseline="bm25")
+    lines = table.splitlines()
+    assert lines[2] == "| dataset | bm25 | minilm | other |"
+    scifact = next(line for line in lines if line.startswith("| scifact"))
+    assert "**0.8000†**" in scifact  # best and significantly better than bm25
+    assert "0.3450 |" in scifact and "†" not in scifact.split("|")[4]  # 'other' is not
+    cranfield = next(line for line in lines if line.startswith("| cranfield"))
+    assert "**0.3000**" in cranfield and cranfield.endswith("| - |")
+    assert lines[-1].startswith("| *average* |") and "**0.5000**" in lines[-1]
+
+
+def test_plot_and_html_report_render():
+    png = bar_chart_png(_results(), ["bm25", "minilm", "other"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    page = html_report("Matrix", [("NDCG@10", markdown_table(_results(), ["bm25", "minilm"]))],
+                       [("NDCG@10 per dataset", png)])
+    assert "<table>" in page and "<b>0.8000</b>" in page and "data:image/png;base64," in page
+
+
+def test_throughput_cost_per_million_docs():
+    table = throughput_table([{"model": "minilm", "dataset": "scifact", "docs": 5183,
+                               "docs_per_s": 100.0, "tokens_per_s": 25000.0}],
+                             price_per_hour=3.6, hardware="2-core CPU")
+    # 1e6 docs / 100 docs/s = 10,000 s = 2.78 h x $3.6 = $10.00
+    assert "| minilm | scifact | 5183 | 100.0 | 25000 | 10.00 |" in table
