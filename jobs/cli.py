@@ -13,6 +13,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("jobs.eval", "evaluate one model on one dataset (metrics.json + run.trec)"),
     "demo": ("jobs.demo", "the README's main job on the embedded default"),
+    "submit": ("jobs.submit", "run a job on a Ray cluster (Job Submission API), stream its logs"),
+    "cluster": ("jobs.cluster", "local multi-node Ray cluster up/down/status (or ray up/down)"),
+    "plan": ("jobs.plan", "capacity plan: GPU-hours, embedding/index bytes, shards, cost"),
+    "index": ("jobs.index", "build N FAISS shards (flat / IVF-PQ / HNSW) from embeddings"),
+    "serve": ("jobs.serve", "serve an index over HTTP locally (Ray Serve: encoder, shards, router)"),
 }
 
 

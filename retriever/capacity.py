@@ -1,0 +1,470 @@
+"""Capacity planning arithmetic: encode GPU-hours, embedding and index bytes, shards, cost.
+
+Pure functions over a typed :class:`PlanConfig`; no I/O, no Ray. ``jobs/plan.py`` is the
+command-line face (``retriever plan``). Every number the plan produces is reported together
+with the formula that produced it and the inputs substituted, so a reader can redo it by hand.
+
+Default numbers and where they come from
+----------------------------------------
+Nothing below was measured on a GPU by this project (the development machine has none); the
+tables are *stated* figures with their source, and the two knobs that matter most for encode
+cost are exposed: ``--mfu`` and, better, a measured ``--docs-per-second``.
+
+* Model sizes (:data:`MODELS`): the Hugging Face model cards / ``config.json`` of each model.
+  Qwen2.5 cards state the total and the *non-embedding* parameter counts directly
+  (e.g. Qwen/Qwen2.5-7B: 7.61B total, 6.53B non-embedding, 28 layers, hidden 3584). For the
+  others the non-embedding count is total minus ``vocab_size x hidden`` (and minus the LM head
+  when it is untied, since an embedding model drops it).
+* Encode FLOPs: the forward pass of a transformer costs
+  ``2 x N_nonemb + 2 x n_layers x n_ctx x d_model`` FLOPs per token (Kaplan et al. 2020,
+  "Scaling Laws for Neural Language Models", Table 1). The token-embedding lookup does no
+  matmul, and an embedding model has no LM head, so N is the non-embedding count.
+* GPU peak (:data:`GPUS`): dense (no 2:4 sparsity) BF16 tensor-core TFLOPS from NVIDIA's
+  datasheets: A100 SXM 312, H100 SXM 989, L4 121, A10 125 (AWS's A10G is an A10 variant whose
+  figures NVIDIA does not publish; 125 is the A10 datasheet number and an upper bound).
+* MFU (model FLOPs utilisation) 0.35: an assumption for bf16 inference of a decoder with
+  token-budget batching (no padding waste, no KV cache, compute bound at these batch sizes).
+  Published training MFUs for 7B-class models are ~0.4-0.55; inference encode with short
+  sequences is usually below that. Replace it with a measurement: run ``retriever encode`` on
+  one GPU over a sample, read docs/s from its manifest, pass ``--docs-per-second``.
+* Node types and prices (:data:`NODE_TYPES`): AWS EC2 instance-type pages (vCPU, memory GiB,
+  GPUs) and the EC2 On-Demand price list for us-east-1, Linux, as known to the author in
+  mid-2024. They were NOT re-read for this file (the build machine has no internet access);
+  AWS changes prices (it announced cuts of up to ~45% for P4/P5 in June 2025), so check
+  ``aws pricing get-products`` or the pricing page and pass ``--gpu-price`` / ``--node-price``.
+* Index bytes per vector (FAISS memory layouts, see the FAISS wiki "Indexes that do not fit in
+  RAM" / "Guidelines to choose an index"):
+  - flat: ``d x bytes(dtype)`` (IndexFlat: fp32 = 4d; IndexScalarQuantizer fp16 = 2d) + 8-byte id
+  - IVF-PQ: ``M`` code bytes (8-bit PQ) + 8-byte id in the inverted list, plus per shard a
+    coarse-centroid table ``nlist x d x 4`` and a PQ codebook ``2^nbits x d x 4``
+  - HNSW: ``d x 4`` (IndexHNSWFlat keeps fp32 vectors) + ``2M x 4`` level-0 links + 8-byte id
+    (upper levels add ~1/M more links; ignored)
+* Memory fraction 0.6: Ray reserves up to 30% of a node's RAM for its object store by
+  default, and ~10% is left for the OS, the Python heap and query batches.
+* nlist default ``4 x sqrt(N)`` rounded up to a power of two (FAISS guideline: between
+  4 sqrt(N) and 16 sqrt(N) for N vectors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GB = 1e9
+TB = 1e12
+GIB = 2**30
+TIB = 2**40
+HOURS_PER_MONTH = 730.0  # AWS's convention for monthly prices (8760 h / 12)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Size of an encoder backbone; ``source`` says where each number was read."""
+
+    name: str
+    params: float  # total parameters
+    nonemb_params: float  # parameters doing matmuls per token (no token embedding, no LM head)
+    layers: int
+    hidden: int  # d_model = default embedding dimension (last-token / mean pooling)
+    source: str
+
+
+# Each row: model card / config.json on the Hugging Face Hub.
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec("qwen2.5-0.5b", 0.49e9, 0.36e9, 24, 896,
+                  "hf.co/Qwen/Qwen2.5-0.5B model card: 0.49B total, 0.36B non-embedding"),
+        ModelSpec("qwen2.5-1.5b", 1.54e9, 1.31e9, 28, 1536,
+                  "hf.co/Qwen/Qwen2.5-1.5B model card: 1.54B total, 1.31B non-embedding"),
+        ModelSpec("qwen2.5-3b", 3.09e9, 2.77e9, 36, 2048,
+                  "hf.co/Qwen/Qwen2.5-3B model card: 3.09B total, 2.77B non-embedding"),
+        ModelSpec("qwen2.5-7b", 7.61e9, 6.53e9, 28, 3584,
+                  "hf.co/Qwen/Qwen2.5-7B model card: 7.61B total, 6.53B non-embedding"),
+        ModelSpec("qwen2.5-14b", 14.7e9, 13.1e9, 48, 5120,
+                  "hf.co/Qwen/Qwen2.5-14B model card: 14.7B total, 13.1B non-embedding"),
+        ModelSpec("mistral-7b", 7.24e9, 6.98e9, 32, 4096,
+                  "hf.co/mistralai/Mistral-7B-v0.1 config.json: vocab 32000 x 4096, untied head "
+                  "(e5-mistral-7b-instruct has the same backbone)"),
+        ModelSpec("llama-3.1-8b", 8.03e9, 6.98e9, 32, 4096,
+                  "hf.co/meta-llama/Llama-3.1-8B config.json: vocab 128256 x 4096, untied head"),
+        ModelSpec("smollm2-135m", 0.135e9, 0.106e9, 30, 576,
+                  "hf.co/HuggingFaceTB/SmolLM2-135M config.json: vocab 49152 x 576, tied"),
+        ModelSpec("smollm2-360m", 0.362e9, 0.315e9, 32, 960,
+                  "hf.co/HuggingFaceTB/SmolLM2-360M config.json: vocab 49152 x 960, tied"),
+        ModelSpec("smollm2-1.7b", 1.71e9, 1.61e9, 24, 2048,
+                  "hf.co/HuggingFaceTB/SmolLM2-1.7B config.json: vocab 49152 x 2048, tied"),
+        ModelSpec("minilm", 22.7e6, 10.8e6, 6, 384,
+                  "hf.co/sentence-transformers/all-MiniLM-L6-v2: 22.7M total, "
+                  "vocab 30522 x 384 + 512 x 384 position embeddings"),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    bf16_tflops: float  # dense peak, no sparsity
+    memory_gib: float
+    price_per_gpu_hour: float  # USD, on-demand, from the AWS node type named in `priced_as`
+    priced_as: str
+    source: str
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    vcpus: int
+    memory_gib: float
+    gpus: int
+    gpu: str | None
+    price_per_hour: float  # USD, AWS on-demand, us-east-1, Linux
+    source: str = "AWS EC2 instance page + On-Demand price list us-east-1 (author's mid-2024 figures)"
+
+
+# AWS EC2. Memory in GiB as AWS states it; prices: see the module docstring (not re-fetched).
+NODE_TYPES: dict[str, NodeType] = {
+    n.name: n
+    for n in [
+        NodeType("r7i.8xlarge", 32, 256, 0, None, 2.1168),
+        NodeType("r7i.16xlarge", 64, 512, 0, None, 4.2336),
+        NodeType("r7i.48xlarge", 192, 1536, 0, None, 12.7008),
+        NodeType("x2idn.32xlarge", 128, 2048, 0, None, 13.338),
+        NodeType("x2iedn.32xlarge", 128, 4096, 0, None, 26.676),
+        NodeType("m7i.2xlarge", 8, 32, 0, None, 0.4032),
+        NodeType("g5.xlarge", 4, 16, 1, "a10g", 1.006),
+        NodeType("g5.2xlarge", 8, 32, 1, "a10g", 1.212),
+        NodeType("g5.48xlarge", 192, 768, 8, "a10g", 16.288),
+        NodeType("g6.xlarge", 4, 16, 1, "l4", 0.8048),
+        NodeType("p4d.24xlarge", 96, 1152, 8, "a100", 32.7726),
+        NodeType("p5.48xlarge", 192, 2048, 8, "h100", 98.32,
+                 "AWS p5 page; price before the June 2025 P5 price cut (author's mid-2024 figure)"),
+    ]
+}
+
+
+def _per_gpu(node: str) -> float:
+    n = NODE_TYPES[node]
+    return n.price_per_hour / n.gpus
+
+
+GPUS: dict[str, GpuSpec] = {
+    g.name: g
+    for g in [
+        GpuSpec("a100", 312.0, 40, _per_gpu("p4d.24xlarge"), "p4d.24xlarge / 8",
+                "NVIDIA A100 datasheet: BF16 tensor 312 TFLOPS dense (624 with sparsity)"),
+        GpuSpec("h100", 989.0, 80, _per_gpu("p5.48xlarge"), "p5.48xlarge / 8",
+                "NVIDIA H100 SXM datasheet: BF16 tensor 1979 TFLOPS with sparsity = 989 dense"),
+        GpuSpec("a10g", 125.0, 24, _per_gpu("g5.xlarge"), "g5.xlarge",
+                "NVIDIA A10 datasheet: BF16 tensor 125 TFLOPS dense (A10G unpublished; upper bound)"),
+        GpuSpec("l4", 121.0, 24, _per_gpu("g6.xlarge"), "g6.xlarge",
+                "NVIDIA L4 datasheet: BF16 tensor 242 TFLOPS with sparsity = 121 dense"),
+    ]
+}
+
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2,
+                               "int8": 1, "binary": 0}  # binary handled as d/8 below
+INDEX_TYPES = ("flat", "ivfpq", "hnsw")
+ID_BYTES = 8  # FAISS idx_t (int64) per vector
+DEFAULT_MFU = 0.35
+DEFAULT_MEMORY_FRACTION = 0.6
+DEFAULT_AVG_TOKENS = 256  # a passage truncated at 512 tokens averages well below it
+
+
+@dataclass
+class PlanConfig:
+    """Everything the plan depends on. ``None`` means "take it from the tables"."""
+
+    docs: float
+    model: str | None = "qwen2.5-7b"
+    params: float | None = None  # overrides the model's non-embedding parameter count
+    dims: int | None = None  # defaults to the model's hidden size
+    avg_tokens: float = DEFAULT_AVG_TOKENS
+    dtype: str = "fp16"  # embedding storage (and flat index) dtype
+    index: str = "ivfpq"
+    pq_m: int = 64  # IVF-PQ code bytes per vector (nbits=8); must divide dims
+    pq_nbits: int = 8
+    nlist: int | None = None
+    nprobe: int = 64
+    hnsw_m: int = 32
+    node_type: str = "r7i.16xlarge"  # search / index shard node
+    node_memory_gib: float | None = None
+    node_price: float | None = None
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    gpu: str = "a100"
+    gpu_price: float | None = None  # USD per GPU-hour
+    mfu: float = DEFAULT_MFU
+    docs_per_second: float | None = None  # measured, per GPU: overrides the FLOPs estimate
+    encode_gpus: int = 8
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.docs <= 0:
+            raise ValueError("docs must be > 0")
+        if self.model is not None and self.model not in MODELS and self.params is None:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(MODELS)} "
+                             "(or pass params and dims)")
+        if self.model is None and (self.params is None or self.dims is None):
+            raise ValueError("without a known model, give both params and dims")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
+        if self.index not in INDEX_TYPES:
+            raise ValueError(f"index must be one of {', '.join(INDEX_TYPES)}")
+        if self.gpu not in GPUS and (self.gpu_price is None or self.docs_per_second is None):
+            raise ValueError(f"unknown gpu {self.gpu!r}; known: {', '.join(GPUS)} "
+                             "(or pass gpu_price and docs_per_second)")
+        if self.node_type not in NODE_TYPES and (self.node_memory_gib is None
+                                                 or self.node_price is None):
+            raise ValueError(f"unknown node type {self.node_type!r}; known: "
+                             f"{', '.join(NODE_TYPES)} (or pass node memory and price)")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError("memory_fraction must be in (0, 1]")
+        if not 0 < self.mfu <= 1:
+            raise ValueError("mfu must be in (0, 1]")
+        if self.index == "ivfpq" and self.dimensions % self.pq_m:
+            raise ValueError(f"pq_m={self.pq_m} must divide dims={self.dimensions}")
+        if self.replicas < 1 or self.encode_gpus < 1:
+            raise ValueError("replicas and encode_gpus must be >= 1")
+
+    @property
+    def model_spec(self) -> ModelSpec | None:
+        return MODELS.get(self.model) if self.model else None
+
+    @property
+    def dimensions(self) -> int:
+        if self.dims is not None:
+            return int(self.dims)
+        assert self.model_spec is not None
+        return self.model_spec.hidden
+
+
+@dataclass
+class Step:
+    """One line of the plan: a named quantity, its formula, and the formula with numbers in."""
+
+    name: str
+    value: float
+    unit: str
+    formula: str
+    substituted: str
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    config: PlanConfig
+    steps: list[Step] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    def add(self, name: str, value: float, unit: str, formula: str, substituted: str,
+            note: str = "") -> float:
+        self.steps.append(Step(name, value, unit, formula, substituted, note))
+        return value
+
+    def __getitem__(self, name: str) -> float:
+        for step in self.steps:
+            if step.name == name:
+                return step.value
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "results": {s.name: s.value for s in self.steps},
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+            "assumptions": self.assumptions,
+        }
+
+
+def num(x: float) -> str:
+    """A compact number for formulas: integers as-is up to 1e6, else 4 significant digits."""
+    if float(x).is_integer() and abs(x) < 1e7:
+        return str(int(x))
+    return f"{x:.4g}"
+
+
+def human_bytes(n: float) -> str:
+    """Decimal and binary units side by side: ``7.17 TB (6.52 TiB)``."""
+    for unit, size, bunit, bsize in (("TB", TB, "TiB", TIB), ("GB", GB, "GiB", GIB)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n / bsize:.2f} {bunit})"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} MB ({n / 2**20:.2f} MiB)"
+    return f"{num(n)} B"
+
+
+def parse_count(text: str | float | int) -> float:
+    """``1e9``, ``1_000_000``, ``8.8M``, ``1B``, ``500k`` -> float."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().replace("_", "").replace(",", "")
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    if s and s[-1].lower() in mult:
+        return float(s[:-1]) * mult[s[-1].lower()]
+    return float(s)
+
+
+def _pow2_at_least(x: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1.0, x))))
+
+
+def plan(cfg: PlanConfig) -> Plan:  # noqa: C901 - one straight-line derivation
+    p = Plan(cfg)
+    N = float(cfg.docs)
+    d = cfg.dimensions
+    spec = cfg.model_spec
+    T = float(cfg.avg_tokens)
+
+    # ---- encode -------------------------------------------------------------------------
+    gpu = GPUS.get(cfg.gpu)
+    gpu_price = cfg.gpu_price if cfg.gpu_price is not None else gpu.price_per_gpu_hour  # type: ignore[union-attr]
+    if cfg.docs_per_second is not None:
+        dps = float(cfg.docs_per_second)
+        p.assumptions.append(f"encode throughput measured/stated: {num(dps)} docs/s per GPU")
+    else:
+        assert gpu is not None
+        n_params = cfg.params if cfg.params is not None else spec.nonemb_params  # type: ignore[union-attr]
+        layers = spec.layers if spec else 0
+        hidden = spec.hidden if spec else d
+        fpt = p.add(
+            "flops_per_token", 2 * n_params + 2 * layers * T * hidden, "FLOP",
+            "2 x N_nonemb + 2 x n_layers x n_ctx x d_model  (Kaplan et al. 2020, forward pass)",
+            f"2 x {num(n_params)} + 2 x {layers} x {num(T)} x {hidden}",
+        )
+        flops_doc = p.add("flops_per_doc", fpt * T, "FLOP", "flops_per_token x avg_tokens",
+                          f"{num(fpt)} x {num(T)}")
+        eff = p.add("effective_flops_per_gpu", gpu.bf16_tflops * 1e12 * cfg.mfu, "FLOP/s",
+                    "peak_bf16 x MFU", f"{num(gpu.bf16_tflops)}e12 x {cfg.mfu}",
+                    note=f"{gpu.name}: {gpu.source}")
+        dps = p.add("docs_per_second_per_gpu", eff / flops_doc, "docs/s",
+                    "effective_flops_per_gpu / flops_per_doc", f"{num(eff)} / {num(flops_doc)}")
+        p.assumptions.append(f"MFU {cfg.mfu} (assumed, not measured; pass --docs-per-second "
+                             "with a measurement to replace the FLOPs estimate)")
+    gpu_hours = p.add("encode_gpu_hours", N / dps / 3600, "GPU-h",
+                      "docs / docs_per_second_per_gpu / 3600", f"{num(N)} / {num(dps)} / 3600")
+    p.add("encode_wall_hours", gpu_hours / cfg.encode_gpus, "h", "encode_gpu_hours / encode_gpus",
+          f"{num(gpu_hours)} / {cfg.encode_gpus}")
+    p.add("encode_cost_usd", gpu_hours * gpu_price, "USD", "encode_gpu_hours x price_per_gpu_hour",
+          f"{num(gpu_hours)} x {gpu_price:.4g}",
+          note=(f"priced as {gpu.priced_as} on-demand" if gpu and cfg.gpu_price is None
+                else "price given"))
+
+    # ---- embeddings ---------------------------------------------------------------------
+    bpd = DTYPE_BYTES[cfg.dtype] if cfg.dtype != "binary" else 1 / 8
+    emb = p.add("embedding_bytes", N * d * bpd, "B", "docs x dims x bytes_per_dim",
+                f"{num(N)} x {d} x {num(bpd)}  ({cfg.dtype})")
+    del emb
+
+    # ---- index --------------------------------------------------------------------------
+    if cfg.index == "flat":
+        per_vec = p.add("index_bytes_per_vector", d * bpd + ID_BYTES, "B",
+                        "dims x bytes_per_dim + id_bytes", f"{d} x {num(bpd)} + {ID_BYTES}")
+        fixed = p.add("index_fixed_bytes_per_shard", 0.0, "B", "0 (no trained structures)", "0")
+    elif cfg.index == "ivfpq":
+        nlist = cfg.nlist or _pow2_at_least(4 * math.sqrt(N))
+        p.add("nlist", nlist, "", "given" if cfg.nlist else "next_pow2(4 x sqrt(docs))",
+              str(nlist) if cfg.nlist else f"next_pow2(4 x sqrt({num(N)}))")
+        code = cfg.pq_m * cfg.pq_nbits / 8
+        per_vec = p.add("index_bytes_per_vector", code + ID_BYTES, "B",
+                        "pq_m x nbits / 8 + id_bytes", f"{cfg.pq_m} x {cfg.pq_nbits} / 8 + {ID_BYTES}")
+        fixed = p.add("index_fixed_bytes_per_shard", nlist * d * 4 + 2**cfg.pq_nbits * d * 4, "B",
+                      "nlist x dims x 4 (coarse centroids) + 2^nbits x dims x 4 (PQ codebooks)",
+                      f"{nlist} x {d} x 4 + {2**cfg.pq_nbits} x {d} x 4")
+    else:
+        per_vec = p.add("index_bytes_per_vector", d * 4 + cfg.hnsw_m * 2 * 4 + ID_BYTES, "B",
+                        "dims x 4 + M x 2 x 4 (level-0 links) + id_bytes",
+                        f"{d} x 4 + {cfg.hnsw_m} x 2 x 4 + {ID_BYTES}")
+        fixed = p.add("index_fixed_bytes_per_shard", 0.0, "B", "0", "0")
+    total_vec = p.add("index_vector_bytes", N * per_vec, "B", "docs x index_bytes_per_vector",
+                      f"{num(N)} x {num(per_vec)}")
+
+    # ---- shards -------------------------------------------------------------------------
+    node = NODE_TYPES.get(cfg.node_type)
+    mem_gib = cfg.node_memory_gib if cfg.node_memory_gib is not None else node.memory_gib  # type: ignore[union-attr]
+    price = cfg.node_price if cfg.node_price is not None else node.price_per_hour  # type: ignore[union-attr]
+    cap = p.add("shard_capacity_bytes", mem_gib * GIB * cfg.memory_fraction, "B",
+                "node_memory_GiB x 2^30 x memory_fraction",
+                f"{num(mem_gib)} x 2^30 x {cfg.memory_fraction}",
+                note=f"node type {cfg.node_type}")
+    if cap <= fixed + per_vec:
+        raise ValueError(f"a {cfg.node_type} shard ({human_bytes(cap)}) cannot hold the fixed "
+                         f"per-shard structures ({human_bytes(fixed)}); choose a larger node "
+                         "or a smaller nlist")
+    vps = p.add("vectors_per_shard_max", math.floor((cap - fixed) / per_vec), "",
+                "floor((shard_capacity_bytes - index_fixed_bytes_per_shard) / index_bytes_per_vector)",
+                f"floor(({num(cap)} - {num(fixed)}) / {num(per_vec)})")
+    shards = p.add("shards", math.ceil(N / vps), "", "ceil(docs / vectors_per_shard_max)",
+                   f"ceil({num(N)} / {num(vps)})")
+    shard_bytes = p.add("index_bytes_per_shard", math.ceil(N / shards) * per_vec + fixed, "B",
+                        "ceil(docs / shards) x index_bytes_per_vector + index_fixed_bytes_per_shard",
+                        f"ceil({num(N)} / {num(shards)}) x {num(per_vec)} + {num(fixed)}")
+    p.add("index_bytes_total", total_vec + shards * fixed, "B",
+          "index_vector_bytes + shards x index_fixed_bytes_per_shard",
+          f"{num(total_vec)} + {num(shards)} x {num(fixed)}")
+    del shard_bytes
+
+    # ---- search -------------------------------------------------------------------------
+    p.add("search_fanout", shards, "shards/query", "shards (every query visits every shard)",
+          f"{num(shards)}")
+    if cfg.index == "ivfpq":
+        nlist = p["nlist"]
+        p.add("codes_scanned_per_shard_per_query", math.ceil(N / shards) * cfg.nprobe / nlist, "",
+              "ceil(docs / shards) x nprobe / nlist",
+              f"ceil({num(N)} / {num(shards)}) x {cfg.nprobe} / {num(nlist)}")
+    elif cfg.index == "flat":
+        p.add("bytes_scanned_per_shard_per_query", math.ceil(N / shards) * d * bpd, "B",
+              "ceil(docs / shards) x dims x bytes_per_dim (brute force)",
+              f"ceil({num(N)} / {num(shards)}) x {d} x {num(bpd)}")
+    nodes = p.add("search_nodes", shards * cfg.replicas, "", "shards x replicas",
+                  f"{num(shards)} x {cfg.replicas}")
+    p.add("search_cost_usd_per_hour", nodes * price, "USD/h", "search_nodes x node_price_per_hour",
+          f"{num(nodes)} x {price:.4g}")
+    p.add("search_cost_usd_per_month", nodes * price * HOURS_PER_MONTH, "USD/month",
+          "search_nodes x node_price_per_hour x 730", f"{num(nodes)} x {price:.4g} x 730")
+    p.assumptions.append(f"memory fraction {cfg.memory_fraction} of node RAM for the index "
+                         "(Ray object store default 30%, ~10% OS/heap headroom)")
+    p.assumptions.append("prices: AWS on-demand us-east-1 (author's mid-2024 figures, not "
+                         "re-fetched); pass --gpu-price / --node-price for current ones")
+    return p
+
+
+def format_plan(p: Plan) -> str:
+    """The human-readable plan: one block per quantity with its formula and numbers."""
+    cfg = p.config
+    spec = cfg.model_spec
+    lines = [
+        f"capacity plan: {num(cfg.docs)} docs x {cfg.dimensions} dims ({cfg.dtype}), "
+        f"model {cfg.model or 'custom'}"
+        + (f" ({num(spec.params)} params, {num(spec.nonemb_params)} non-embedding)" if spec else "")
+        + f", index {cfg.index}, shard node {cfg.node_type}, encode gpu {cfg.gpu}",
+        "",
+    ]
+    for s in p.steps:
+        if s.unit == "B":
+            hb = human_bytes(s.value)
+            shown = hb if hb.endswith(" B") else f"{num(s.value)} B = {hb}"
+        elif s.unit in ("USD", "USD/h", "USD/month"):
+            shown = f"${s.value:,.2f}" + ("" if s.unit == "USD" else s.unit[3:])
+        else:
+            shown = f"{num(s.value)} {s.unit}".rstrip()
+        lines.append(f"{s.name} = {s.formula}")
+        lines.append(f"    = {s.substituted}")
+        lines.append(f"    = {shown}" + (f"   [{s.note}]" if s.note else ""))
+    lines.append("")
+    lines.append("summary:")
+    lines.append(f"  embeddings      {human_bytes(p['embedding_bytes'])}")
+    shards = p["shards"]
+    lines.append(f"  index           {human_bytes(p['index_bytes_total'])} in {num(shards)} "
+                 f"shard{'' if shards == 1 else 's'} of {human_bytes(p['index_bytes_per_shard'])}")
+    gh = p["encode_gpu_hours"]
+    lines.append(f"  encode          {gh:,.{0 if gh >= 100 else 2}f} GPU-hours "
+                 f"(${p['encode_cost_usd']:,.2f}; {p['encode_wall_hours']:,.2f} h on "
+                 f"{cfg.encode_gpus} GPUs)")
+    lines.append(f"  search          fan-out {num(p['search_fanout'])}, {num(p['search_nodes'])} "
+                 f"x {cfg.node_type}, ${p['search_cost_usd_per_month']:,.0f}/month")
+    lines.append("")
+    lines.append("assumptions:")
+    lines += [f"  - {a}" for a in p.assumptions]
+    return "\n".join(lines)

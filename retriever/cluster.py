@@ -1,0 +1,449 @@
+"""A local multi-node Ray cluster for development and tests: one head and N workers.
+
+Each node is a ``ray start --block`` process started in a session of its own, so every Ray
+process of that node -- GCS, raylet, dashboard, agents, and the workers, which Ray moves into
+process groups of their own -- shares that session id. :func:`up` records the pid and start
+time of each node's leader and the ports in a small JSON state file; :func:`down` reads it
+back and stops exactly those sessions (SIGTERM to the ``ray start`` leaders, which shut their
+node down, then SIGKILL to whatever is left of the sessions after a grace period), then kills
+stragglers that left the sessions (job drivers run in new sessions) but name this cluster's
+private temp dir or GCS port. It never runs ``ray stop`` (which stops every Ray on the machine).
+
+Isolation from other Ray users on the same machine (tests calling ``ray.init()``):
+
+* a private ``--temp-dir`` (short, under ``/tmp``: Unix socket paths are limited to 107 bytes),
+  so ``ray.init()`` elsewhere neither finds nor joins this cluster;
+* every fixed default port is replaced by a free one (GCS, dashboard, Ray client server,
+  dashboard agent);
+* the dashboard / Job API listens on 127.0.0.1. Note that ``ray start`` rewrites a loopback
+  ``--node-ip-address`` to the machine's routable address and Ray's gRPC servers (GCS, raylet,
+  object manager) bind all interfaces; Ray 2.x has no option to confine them to loopback.
+
+Placement: every node advertises custom resources -- the head ``{"head": 1}``, worker *i*
+``{"worker": 1, "worker_<i>": 1}`` -- so a job or task can be pinned with e.g.
+``entrypoint_resources={"worker_0": 0.01}`` (fractional amounts let many share a node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+HOST = "127.0.0.1"
+
+
+def default_state_path() -> Path:
+    """``$RETRIEVER_CLUSTER_STATE`` or ``$XDG_STATE_HOME/retriever/local-cluster.json``."""
+    env = os.environ.get("RETRIEVER_CLUSTER_STATE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "retriever" / "local-cluster.json"
+
+
+@dataclass
+class LocalClusterConfig:
+    workers: int = 1
+    head_cpus: int = 1
+    worker_cpus: int = 1
+    worker_gpus: int = 0
+    head_resources: dict[str, float] = field(default_factory=dict)  # added to {"head": 1}
+    worker_resources: dict[str, float] = field(default_factory=dict)  # added to each worker
+    object_store_memory: int = 256 * 2**20  # per node; Ray's default (30% of RAM) is too greedy
+    temp_dir: str | None = None  # default: a fresh /tmp/rtc-<hex>
+    state_path: str | None = None  # default: default_state_path()
+    timeout_s: float = 120.0
+
+
+@dataclass
+class NodeProcess:
+    role: str  # "head" or "worker_<i>"
+    pid: int
+    pgid: int
+    create_time: float  # to tell our process from a later one that reuses the pid
+    resources: dict[str, float]
+    log: str
+
+
+@dataclass
+class LocalCluster:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    state_path: str
+    nodes: list[NodeProcess]
+    ports: dict[str, int]
+    created: float = field(default_factory=time.time)
+    python: str = sys.executable
+
+    @property
+    def address(self) -> str:
+        """The Job Submission address (``http://127.0.0.1:PORT``)."""
+        return self.dashboard_url
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LocalCluster":
+        nodes = [NodeProcess(**n) for n in data.pop("nodes")]
+        return cls(nodes=nodes, **data)
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _free_ports(n: int) -> list[int]:
+    # Hold all sockets open while choosing so the n ports are distinct.
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _ray_executable() -> list[str]:
+    """The ``ray`` CLI of *this* interpreter's environment (not whatever is first on PATH)."""
+    candidate = Path(sys.executable).parent / "ray"
+    if candidate.exists():
+        return [str(candidate)]
+    found = shutil.which("ray")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _node_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # A RAY_ADDRESS meant for something else must not redirect our `ray start`.
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(key, None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Job entrypoints run `python ...` through a shell on the cluster: make that the python of
+    # this environment, which already has the project's dependencies.
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _http_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        return json.loads(resp.read().decode("utf-8"))
+
+
+def alive_nodes(dashboard_url: str) -> list[dict[str, Any]]:
+    """ALIVE nodes from the state API, each with ``node_id``, ``ip``, ``is_head``, ``resources``."""
+    data = _http_json(f"{dashboard_url}/api/v0/nodes?detail=1&limit=1000")
+    rows = data.get("data", {}).get("result", {}).get("result", [])
+    return [{"node_id": n.get("node_id"), "ip": n.get("node_ip"), "is_head": n.get("is_head_node"),
+             "resources": n.get("resources_total", {})}
+            for n in rows if n.get("state") == "ALIVE"]
+
+
+def _process_create_time(pid: int) -> float | None:
+    try:
+        import psutil  # a Ray dependency
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _start_node(args: list[str], role: str, resources: dict[str, float], temp_dir: str,
+                env: dict[str, str]) -> NodeProcess:
+    log = os.path.join(temp_dir, f"{role}.start.log")
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            _ray_executable() + ["start", "--block", *args],
+            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env, cwd=temp_dir,
+        )
+    ct = _process_create_time(proc.pid) or time.time()
+    # Popen objects are dropped on purpose: the node outlives this call (and this process).
+    return NodeProcess(role=role, pid=proc.pid, pgid=proc.pid, create_time=ct,
+                       resources=resources, log=log)
+
+
+def _is_ours(node: NodeProcess) -> bool:
+    ct = _process_create_time(node.pid)
+    return ct is not None and abs(ct - node.create_time) < 2.0
+
+
+def _wait(predicate, timeout: float, what: str, nodes: list[NodeProcess]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for node in nodes:
+            if not _pid_alive(node.pid):
+                raise ClusterError(f"`ray start` for {node.role} exited while waiting for {what}:"
+                                   f"\n{_tail(node.log)}")
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        time.sleep(0.5)
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our child (tests run up() in-process), then probe.
+        with contextlib.suppress(ChildProcessError):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
+
+
+# --------------------------------------------------------------------------- state
+
+
+def load_state(state_path: str | os.PathLike | None = None) -> LocalCluster | None:
+    path = Path(state_path) if state_path else default_state_path()
+    if not path.exists():
+        return None
+    return LocalCluster.from_dict(json.loads(path.read_text()))
+
+
+def _save_state(cluster: LocalCluster) -> None:
+    path = Path(cluster.state_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp-{uuid.uuid4().hex[:6]}")
+    tmp.write_text(cluster.to_json())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+def up(config: LocalClusterConfig | None = None) -> LocalCluster:
+    """Start a head and ``config.workers`` workers on 127.0.0.1; return once all are ALIVE.
+
+    Refuses to start if the state file names a cluster that is still running. On any failure
+    the nodes started so far are stopped again before the error propagates.
+    """
+    cfg = config or LocalClusterConfig()
+    state_path = str(Path(cfg.state_path) if cfg.state_path else default_state_path())
+    existing = load_state(state_path)
+    if existing is not None:
+        if any(_pid_alive(n.pid) and _is_ours(n) for n in existing.nodes):
+            raise ClusterError(f"a local cluster is already running ({existing.dashboard_url}); "
+                               f"state in {state_path}: run `retriever cluster down --local` first")
+        Path(state_path).unlink(missing_ok=True)
+
+    temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
+    os.makedirs(temp_dir, exist_ok=True)
+    gcs_port, dash_port, client_port, *agent_ports = _free_ports(3 + cfg.workers + 1)
+    env = _node_env()
+    cluster = LocalCluster(
+        gcs_address=f"{HOST}:{gcs_port}", dashboard_url=f"http://{HOST}:{dash_port}",
+        temp_dir=temp_dir, state_path=state_path, nodes=[],
+        ports={"gcs": gcs_port, "dashboard": dash_port, "ray_client": client_port},
+    )
+    common = ["--node-ip-address", HOST, "--temp-dir", temp_dir, "--disable-usage-stats",
+              "--object-store-memory", str(int(cfg.object_store_memory))]
+    try:
+        head_res = {"head": 1.0, **cfg.head_resources}
+        cluster.nodes.append(_start_node(
+            ["--head", "--port", str(gcs_port), "--dashboard-host", HOST,
+             "--dashboard-port", str(dash_port), "--ray-client-server-port", str(client_port),
+             "--dashboard-agent-listen-port", str(agent_ports[0]), "--include-dashboard", "true",
+             "--num-cpus", str(cfg.head_cpus), "--num-gpus", "0",
+             "--resources", json.dumps(head_res), *common],
+            "head", head_res, temp_dir, env))
+        _save_state(cluster)  # from here on `down` can clean up even if we die
+        _wait(lambda: len(alive_nodes(cluster.dashboard_url)) >= 1, cfg.timeout_s,
+              "the head node", cluster.nodes)
+        for i in range(cfg.workers):
+            res = {"worker": 1.0, f"worker_{i}": 1.0, **cfg.worker_resources}
+            cluster.nodes.append(_start_node(
+                ["--address", cluster.gcs_address, "--num-cpus", str(cfg.worker_cpus),
+                 "--num-gpus", str(cfg.worker_gpus),
+                 "--dashboard-agent-listen-port", str(agent_ports[1 + i]),
+                 "--resources", json.dumps(res), *common],
+                f"worker_{i}", res, temp_dir, env))
+            _save_state(cluster)
+        _wait(lambda: len(alive_nodes(cluster.dashboard_url)) >= 1 + cfg.workers, cfg.timeout_s,
+              f"{1 + cfg.workers} nodes", cluster.nodes)
+        _wait(lambda: _http_json(f"{cluster.dashboard_url}/api/version") is not None,
+              cfg.timeout_s, "the Job API", cluster.nodes)
+    except BaseException:
+        down(state_path, keep_temp=True)
+        raise
+    return cluster
+
+
+def _members(leader: int) -> list[int]:
+    """Live pids in the session (or process group) led by ``leader``.
+
+    ``ray start`` was started with ``start_new_session=True``, so its session id is its pid;
+    Ray moves workers into process groups of their own, but they stay in that session.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        state, pgrp, sid = fields[0], int(fields[2]), int(fields[3])
+        if state != "Z" and (sid == leader or pgrp == leader):
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _stragglers(temp_dir: str, gcs_port: int | None = None) -> list[int]:
+    """Processes that belong to this cluster but left its process groups.
+
+    Ray workers get process groups of their own and job drivers run in new sessions; they are
+    recognised by this cluster's private temp dir on their command line or in their
+    environment, or by a ``RAY_ADDRESS`` pointing at this cluster's GCS port.
+    """
+    out = []
+    base = temp_dir.rstrip("/").encode()
+    marker = base + b"/"
+    port_suffix = f":{gcs_port}".encode() if gcs_port else None
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read()
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+        except OSError:
+            continue
+        flat = cmd.replace(b"\0", b" ") + b" "
+        hit = marker in flat or base + b" " in flat
+        for var in environ:
+            if hit:
+                break
+            if marker in var:
+                hit = True
+            elif port_suffix and var.startswith(b"RAY_ADDRESS=") and var.endswith(port_suffix):
+                hit = True
+        if hit:
+            out.append(int(entry))
+    return out
+
+
+def down(state_path: str | os.PathLike | None = None, grace_s: float = 15.0,
+         keep_temp: bool = False) -> list[int]:
+    """Stop the cluster recorded in ``state_path``; return the node leader pids signalled.
+
+    Workers go first, then the head. Each node's ``ray start --block`` leader gets SIGTERM
+    (it shuts its node down in order); after ``grace_s`` whatever is left of the node's
+    session gets SIGKILL. Stragglers that left the group but still name our temp dir
+    are killed last. The state file is removed; the temp dir (logs) too unless ``keep_temp``.
+    """
+    path = Path(state_path) if state_path else default_state_path()
+    cluster = load_state(path)
+    if cluster is None:
+        return []
+    ordered = [n for n in cluster.nodes if n.role != "head"] + \
+              [n for n in cluster.nodes if n.role == "head"]
+    signalled: list[int] = []
+    for node in ordered:
+        if _is_ours(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.pid, signal.SIGTERM)  # graceful: the leader stops its node
+            signalled.append(node.pid)
+        elif _members(node.pid):
+            signalled.append(node.pid)  # leader gone, its processes not
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_members(leader) for leader in signalled):
+        time.sleep(0.25)
+    for leader in signalled:
+        _kill_all(_members(leader), signal.SIGKILL)
+    if cluster.temp_dir and len(cluster.temp_dir) > 5:
+        for pid in _stragglers(cluster.temp_dir, cluster.ports.get("gcs")):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    # Reap our own children (when up() ran in this process) so no zombies linger.
+    for node in ordered:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(node.pid, os.WNOHANG)
+    path.unlink(missing_ok=True)
+    if not keep_temp and cluster.temp_dir and os.path.basename(cluster.temp_dir).startswith("rtc-"):
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    return signalled
+
+
+def status(state_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    cluster = load_state(state_path)
+    if cluster is None:
+        return {"running": False}
+    info: dict[str, Any] = {
+        "running": any(_pid_alive(n.pid) and _is_ours(n) for n in cluster.nodes),
+        "dashboard_url": cluster.dashboard_url, "gcs_address": cluster.gcs_address,
+        "temp_dir": cluster.temp_dir,
+        "nodes": [{"role": n.role, "pid": n.pid, "alive": _pid_alive(n.pid) and _is_ours(n),
+                   "resources": n.resources} for n in cluster.nodes],
+    }
+    with contextlib.suppress(Exception):
+        info["alive_nodes"] = len(alive_nodes(cluster.dashboard_url))
+    return info
+
+
+@contextlib.contextmanager
+def local_cluster(config: LocalClusterConfig | None = None) -> Iterator[LocalCluster]:
+    """``with local_cluster(cfg) as c: ...`` -- the cluster is torn down however the block ends."""
+    cluster = up(config)
+    try:
+        yield cluster
+    finally:
+        down(cluster.state_path)

@@ -1,0 +1,221 @@
+"""Static checks of cluster/: the AWS launcher YAML and the KubeRay manifests."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+RAYJOBS = {"train": "rayjob-train.yaml", "encode": "rayjob-encode.yaml",
+           "index": "rayjob-index.yaml", "evaluate": "rayjob-evaluate.yaml"}
+GPU_JOBS = {"train", "encode", "evaluate"}
+
+
+def _load(path: Path) -> dict:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert len(docs) == 1, f"{path.name}: expected one YAML document"
+    return docs[0]
+
+
+def _pkg_name(req: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+# --------------------------------------------------------------------------- AWS launcher
+
+
+@pytest.fixture(scope="module")
+def aws() -> dict:
+    return _load(CLUSTER / "aws.yaml")
+
+
+def test_aws_yaml_validates_against_ray_schema(aws):
+    jsonschema = pytest.importorskip("jsonschema")
+    import ray.autoscaler
+
+    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    jsonschema.validate(aws, schema)  # raises ValidationError with the offending path
+
+
+def test_aws_yaml_passes_ray_prepare_config(aws):
+    """What `ray up` does before touching AWS: merge defaults, then validate again."""
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(aws))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "aws"
+
+
+def test_aws_yaml_cpu_head_and_autoscaling_gpu_groups(aws):
+    types = aws["available_node_types"]
+    head = types[aws["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    workers = {k: v for k, v in types.items() if k != aws["head_node_type"]}
+    gpu_counts = sorted(v["resources"].get("GPU", 0) for v in workers.values())
+    assert 1 in gpu_counts and 8 in gpu_counts, "one single-GPU and one 8-GPU group"
+    for name, node in workers.items():
+        assert node["min_workers"] == 0, f"{name} must scale from zero"
+        assert node["max_workers"] >= 1
+    assert aws["max_workers"] >= max(v["max_workers"] for v in workers.values())
+
+
+def test_aws_yaml_installs_the_project(aws):
+    assert any(v == "." for v in aws["file_mounts"].values()), "the checkout is synced"
+    commands = aws["setup_commands"] + [
+        c for v in aws["available_node_types"].values() for c in v.get("worker_setup_commands", [])]
+    assert any("pip install" in c and "-e ." in c for c in aws["setup_commands"])
+    gpu_types = [v for v in aws["available_node_types"].values() if v["resources"].get("GPU")]
+    for node in gpu_types:  # node-type worker_setup_commands replace the global ones
+        assert any("pip install" in c and "[gpu]" in c for c in node["worker_setup_commands"])
+    assert commands
+    for excluded in (".venv", ".git", ".retriever"):
+        assert excluded in aws["rsync_exclude"]
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict]:
+    out = {name: _load(KUBERAY / fname) for name, fname in RAYJOBS.items()}
+    out["search"] = _load(KUBERAY / "rayservice-search.yaml")
+    return out
+
+
+def _check_cluster_spec(spec: dict, where: str, *, want_gpu: bool, scale_from_zero: bool):
+    assert spec.get("enableInTreeAutoscaling") is True, where
+    assert re.fullmatch(r"\d+\.\d+\.\d+", str(spec["rayVersion"])), where
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict), where
+    head_containers = head["template"]["spec"]["containers"]
+    assert head_containers and head_containers[0]["image"], where
+    assert "nvidia.com/gpu" not in head_containers[0]["resources"].get("limits", {}), where
+    groups = spec["workerGroupSpecs"]
+    assert groups, where
+    names = [g["groupName"] for g in groups]
+    assert len(set(names)) == len(names), f"{where}: duplicate groupName"
+    gpu_limits = []
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (where, g["groupName"])
+        assert g["maxReplicas"] >= 1
+        if scale_from_zero:
+            assert g["minReplicas"] == 0, (where, g["groupName"])
+        assert isinstance(g["rayStartParams"], dict)
+        containers = g["template"]["spec"]["containers"]
+        assert containers and all(c["name"] and c["image"] for c in containers)
+        res = containers[0]["resources"]
+        gpus = res.get("limits", {}).get("nvidia.com/gpu")
+        if gpus is not None:
+            assert int(gpus) >= 1
+            assert res["requests"].get("nvidia.com/gpu") == gpus, "GPU requests = limits"
+            assert "-gpu" in containers[0]["image"] or "cu" in containers[0]["image"]
+            gpu_limits.append(int(gpus))
+    if want_gpu:
+        assert gpu_limits, f"{where}: no worker group with nvidia.com/gpu limits"
+    return gpu_limits
+
+
+@pytest.mark.parametrize("job", sorted(RAYJOBS))
+def test_rayjob_structure(manifests, job):
+    doc = manifests[job]
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == "RayJob"
+    assert doc["metadata"]["name"]
+    spec = doc["spec"]
+    assert spec["entrypoint"].split()[:3] == ["python", "-m", f"jobs.{job}"]
+    env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert env["working_dir"] and env["pip"]["packages"]
+    assert env["env_vars"]["RETRIEVER_STORE"].startswith("s3://")
+    assert spec["shutdownAfterJobFinishes"] is True
+    _check_cluster_spec(spec["rayClusterSpec"], job, want_gpu=job in GPU_JOBS,
+                        scale_from_zero=True)
+
+
+def test_train_uses_8_gpu_nodes_and_encode_single_gpu(manifests):
+    train = _check_cluster_spec(manifests["train"]["spec"]["rayClusterSpec"], "train",
+                                want_gpu=True, scale_from_zero=True)
+    encode = _check_cluster_spec(manifests["encode"]["spec"]["rayClusterSpec"], "encode",
+                                 want_gpu=True, scale_from_zero=True)
+    assert 8 in train and 1 in encode
+
+
+def test_rayservice_structure(manifests):
+    doc = manifests["search"]
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == "RayService"
+    spec = doc["spec"]
+    serve = yaml.safe_load(spec["serveConfigV2"])
+    apps = serve["applications"]
+    assert [a["import_path"] for a in apps] == ["serve.app:build_app"]
+    app = apps[0]
+    assert app["runtime_env"]["working_dir"] and app["runtime_env"]["pip"]["packages"]
+    scaled = [d for d in app.get("deployments", []) if "autoscaling_config" in d]
+    assert scaled, "at least one deployment autoscales"
+    for d in scaled:
+        cfg = d["autoscaling_config"]
+        assert 1 <= cfg["min_replicas"] <= cfg["max_replicas"]
+    gpu_deployments = [d for d in app["deployments"]
+                       if d.get("ray_actor_options", {}).get("num_gpus", 0) > 0]
+    assert gpu_deployments, "the query encoder asks for a GPU"
+    _check_cluster_spec(spec["rayClusterConfig"], "search", want_gpu=True, scale_from_zero=False)
+    head_ports = {p["containerPort"]
+                  for p in spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+                  ["containers"][0]["ports"]}
+    assert {8265, 8000} <= head_ports
+
+
+def test_serve_app_builder_named_in_the_manifest_exists_when_written():
+    app = ROOT / "serve" / "app.py"
+    if not app.exists():
+        pytest.skip("serve/app.py not written yet")
+    assert "def build_app" in app.read_text()
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def test_runtime_env_pip_matches_kuberay_and_pyproject(manifests):
+    base = _load(CLUSTER / "runtime_env.yaml")
+    packages = base["pip"]["packages"]
+    for name, doc in manifests.items():
+        if doc["kind"] == "RayJob":
+            env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+        else:
+            env = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["runtime_env"]
+        assert env["pip"]["packages"] == packages, f"{name}: pip list differs from runtime_env.yaml"
+        for key, value in base["env_vars"].items():
+            assert env["env_vars"][key] == value, name
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_pkg_name(d) for d in project["dependencies"]}
+    for req in packages:
+        assert _pkg_name(req) in declared, f"{req} is not a project dependency"
+    assert "ray" not in {_pkg_name(r) for r in packages}, "a job must not reinstall Ray"
+
+
+def test_ray_version_is_the_same_everywhere(aws, manifests):
+    versions = set()
+    for doc in manifests.values():
+        spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+        versions.add(str(spec["rayVersion"]))
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for g in groups:
+            for c in g["template"]["spec"]["containers"]:
+                m = re.match(r"rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)", c["image"])
+                assert m, c["image"]
+                versions.add(m.group(1))
+    docker = aws["docker"]
+    for image in [docker["image"], docker["head_image"]] + [
+            v["docker"]["worker_image"] for v in aws["available_node_types"].values()
+            if "docker" in v]:
+        versions.add(re.match(r"rayproject/ray:(\d+\.\d+\.\d+)", image).group(1))
+    assert len(versions) == 1, versions
