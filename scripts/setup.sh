@@ -8,6 +8,8 @@ PYTHON=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# An old pip (23.x) backtracks through dozens of ray releases; a current one resolves at once.
+pip install --upgrade "pip>=25"
 
 # torch first: without a GPU take the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
