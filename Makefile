@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 demo: setup
 	$(VENV)/bin/retriever demo $(ARGS)
 
-test: setup
+browser: setup
+	bash scripts/install-browser.sh
+
+test: setup browser
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 clean:

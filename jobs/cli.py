@@ -12,10 +12,15 @@ import sys
 # command -> (module, one-line help). Modules are imported lazily so `retriever --help` is fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("jobs.eval", "evaluate one model on one dataset (metrics.json + run.trec)"),
+    "encode": ("jobs.encode", "encode a corpus on Ray Data into embedding shards + manifest"),
+    "evaluate": ("jobs.evaluate", "models x datasets matrix on the cluster, with a report"),
     "demo": ("jobs.demo", "the README's main job on the embedded default"),
     "submit": ("jobs.submit", "run a job on a Ray cluster (Job Submission API), stream its logs"),
     "cluster": ("jobs.cluster", "local multi-node Ray cluster up/down/status (or ray up/down)"),
     "plan": ("jobs.plan", "capacity plan: GPU-hours, embedding/index bytes, shards, cost"),
+    "split": ("jobs.split", "split a collection's queries into train/test BEIR folders by id hash"),
+    "mine": ("jobs.mine", "mine hard negatives (BM25 + dense, false negatives filtered)"),
+    "train": ("jobs.train", "LoRA fine-tuning on Ray Train (DeepSpeed ZeRO-3/ZeRO-2/DDP)"),
     "index": ("jobs.index", "build N FAISS shards (flat / IVF-PQ / HNSW) from embeddings"),
     "serve": ("jobs.serve", "serve an index over HTTP locally (Ray Serve: encoder, shards, router)"),
 }

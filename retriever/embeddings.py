@@ -115,3 +115,40 @@ def load(folder: str, verify: bool = False) -> tuple[list[str], np.ndarray]:
     manifest = read_manifest(folder)
     dim = int(manifest["dim"])
     return ids, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A table serialised as one parquet file, in memory."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_part(folder: str, index: int, doc_ids: list[str], vectors: np.ndarray,
+               dtype: str = "float32") -> dict:
+    """Write ``part-<index>.parquet`` in one piece (atomic locally, one upload on object
+    stores); returns its manifest entry ``{"file", "rows", "sha256", "bytes"}``."""
+    data = table_bytes(to_table(doc_ids, vectors, dtype))
+    name = part_name(index)
+    store.write_bytes(store.join(folder, name), data)
+    return {"file": name, "rows": len(doc_ids), "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data)}
+
+
+def write_manifest(folder: str, *, encoder: dict, parts: list[dict], dtype: str,
+                   source: dict | None = None, skipped: dict | None = None,
+                   **extra) -> dict:
+    """Write ``manifest.json`` for parts already complete (call it last); returns it.
+
+    ``parts`` are :func:`write_part` entries in order; ``extra`` keys are added as given.
+    """
+    if dtype not in DTYPES:
+        raise InputError(f"embedding dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    manifest = {"format": FORMAT, "encoder": encoder, "dim": int(encoder["dim"]),
+                "dtype": dtype, "parts": parts, "rows": sum(int(p["rows"]) for p in parts),
+                "source": source or {}, "skipped": skipped or {},
+                "code_version": code_version(), "created": now(), **extra}
+    store.write_json(store.join(folder, MANIFEST), manifest)
+    return manifest

@@ -1,0 +1,293 @@
+"""Search latency through the HTTP API (Ray Serve) next to in-process FAISS on the same shards.
+
+    python benchmarks/search_latency.py                      # synthetic 20,000 x 384 vectors
+    python benchmarks/search_latency.py --embeddings URL     # a real embedding folder
+    python benchmarks/search_latency.py --requests 1000 --shard-counts 1,2,4,8
+
+For each shard count, builds flat shards of the same embeddings, then measures with the same
+query vectors (``top_k`` 10):
+
+- in-process: ``retriever.shards.search_all`` over the loaded shards (one FAISS thread, as a
+  replica with < 2 CPUs has), one query at a time; at concurrency 16 from 16 threads;
+- HTTP: ``POST /search {"vector": ...}`` to the Serve app (Router -> ShardSearcher x N) on
+  127.0.0.1 from 1 and from 16 clients, each with its own keep-alive connection; request
+  bodies are serialised before the clock starts.
+
+Prints p50 / p99 latency (ms) and QPS for each, the added p50 (HTTP - in-process) in ms and
+the ratio HTTP / in-process, measured in the same run. The bar on the 2-core development
+machine is <= 15 ms added p50 at 4 shards and concurrency 1; the goal is <= 5 ms.
+
+A second peer, measured in the same run and cluster: Ray Serve's own floor, i.e. an ingress
+deployment answering at once (proxy + one replica) and one that first awaits one handle call
+to a second deployment (the least any fan-out app pays); the search app's p50 is also
+broken into the Router's own time (``took_ms``: parse, fan-out, merge) and the rest (proxy,
+HTTP). The machine's load average is printed, since on a shared 2-core machine it decides
+most of these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retriever import embeddings, shards as sh  # noqa: E402
+
+BAR_MS, GOAL_MS = 15.0, 5.0
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.asarray(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def synthetic(folder: str, rows: int, dim: int, seed: int) -> None:
+    from tests.index_fixtures import write_embeddings
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_embeddings(folder, [f"doc{i}" for i in range(rows)], vectors,
+                     {"model": "minilm", "pooling": "mean", "normalize": True},
+                     rows_per_part=50_000)
+
+
+def query_vectors(folder: str, count: int, seed: int) -> np.ndarray:
+    """Queries near sampled documents (a document plus noise, renormalised)."""
+    manifest = embeddings.read_manifest(folder)
+    _, docs = sh.sample_rows(folder, manifest, count, seed)
+    noisy = docs + 0.3 * np.random.default_rng(seed).standard_normal(docs.shape).astype(
+        np.float32) / np.sqrt(docs.shape[1])
+    return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+
+
+def run_clients(call, items: list, concurrency: int) -> tuple[list[float], float]:
+    """Latency of every call and overall QPS; ``call(worker_state, item)``."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    chunks = [items[i::concurrency] for i in range(concurrency)]
+
+    def worker(chunk):
+        state: dict = {}
+        mine = []
+        for item in chunk:
+            started = time.perf_counter()
+            call(state, item)
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+        closer = state.get("close")
+        if closer:
+            closer()
+
+    started = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, chunks))
+    return latencies, len(items) / (time.perf_counter() - started)
+
+
+def in_process(loaded, queries: np.ndarray, k: int, concurrency: int):
+    def call(_state, q):
+        sh.search_all(loaded, q[None], k)
+
+    return run_clients(call, list(queries), concurrency)
+
+
+def over_http(port: int, bodies: list[bytes], concurrency: int, took: list | None = None):
+    took = [] if took is None else took
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("RETRIEVER_API_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    def call(state, body):
+        if "conn" not in state:
+            state["conn"] = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            state["close"] = state["conn"].close
+        conn = state["conn"]
+        conn.request("POST", "/search", body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200 or b'"partial": true' in data:
+            raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+        took.append(json.loads(data)["took_ms"] / 1000)
+
+    return run_clients(call, bodies, concurrency)
+
+
+def floor_app():
+    """An ingress answering at once (``/floor/empty``) or after one handle call (``/floor/hop``)."""
+    from fastapi import FastAPI
+    from ray import serve
+    from starlette.responses import Response
+
+    api = FastAPI()
+    quiet = {"logging_config": {"enable_access_log": False},
+             "ray_actor_options": {"num_cpus": 0.1}}
+
+    @serve.deployment(name="FloorLeaf", **quiet)
+    class FloorLeaf:
+        async def __call__(self, x):
+            return x
+
+    @serve.deployment(name="FloorIngress", **quiet)
+    @serve.ingress(api)
+    class FloorIngress:
+        def __init__(self, leaf):
+            self.leaf = leaf
+
+        @api.post("/empty")
+        async def empty(self):
+            return Response(b"{}", media_type="application/json")
+
+        @api.post("/hop")
+        async def hop(self):
+            await self.leaf.remote(1)
+            return Response(b"{}", media_type="application/json")
+
+    return FloorIngress.bind(FloorLeaf.bind())
+
+
+def over_http_path(port: int, path: str, count: int) -> list[float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        conn.request("POST", path, b"{}", {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        latencies.append(time.perf_counter() - started)
+        if response.status != 200:
+            raise RuntimeError(f"{path}: HTTP {response.status}")
+    conn.close()
+    return latencies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--embeddings", help="embedding folder URL (default: synthetic)")
+    parser.add_argument("--docs", type=int, default=20_000, help="synthetic rows")
+    parser.add_argument("--dim", type=int, default=384, help="synthetic dimension")
+    parser.add_argument("--requests", type=int, default=600, help="requests per measurement")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--shard-counts", default="1,2,4,8")
+    parser.add_argument("--main-shards", type=int, default=4,
+                        help="shard count of the concurrency 1 vs 16 comparison")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    counts = sorted({int(c) for c in args.shard_counts.split(",")} | {args.main_shards})
+
+    import faiss
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    faiss.omp_set_num_threads(1)  # what a ShardSearcher replica with < 2 CPUs uses
+    work = tempfile.mkdtemp(prefix="search-latency-")
+    folder = args.embeddings
+    if not folder:
+        folder = os.path.join(work, "embeddings")
+        synthetic(folder, args.docs, args.dim, args.seed)
+    manifest = embeddings.read_manifest(folder)
+    queries = query_vectors(folder, args.requests, args.seed + 1)
+    bodies = [json.dumps({"vector": q.tolist(), "top_k": args.top_k}).encode() for q in queries]
+    indexes = {}
+    for n in counts:
+        indexes[n] = os.path.join(work, f"flat-{n}")
+        sh.build(folder, indexes[n], n, sh.IndexSpec("flat"))
+    print(f"{manifest['rows']} docs x {manifest['dim']} dims, flat shards, top_k {args.top_k}, "
+          f"{args.requests} requests per measurement, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+    from serve.app import LOW_LATENCY_ENV
+
+    os.environ.update(LOW_LATENCY_ENV)  # as `retriever serve` does for a local cluster
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows = []
+    main_rows = {}
+    floor = {}
+    try:
+        serve.run(floor_app(), name="floor", route_prefix="/floor", blocking=False)
+        for n in counts:
+            serve.run(build_app({"index": indexes[n], "timeout_s": 30.0}), name="search",
+                      route_prefix="/", blocking=False)
+            loaded = sh.load_all(indexes[n], gpu="no")
+            over_http(port, bodies[:50], 4)  # warm up connections, handles, replicas
+            in_process(loaded, queries[:50], args.top_k, 1)
+            levels = [1, args.concurrency] if n == args.main_shards else [1]
+            for c in levels:
+                local_lat, local_qps = in_process(loaded, queries, args.top_k, c)
+                took: list[float] = []
+                http_lat, http_qps = over_http(port, bodies, c, took)
+                if n == args.main_shards and c == 1:
+                    over_http_path(port, "/floor/hop", 30)  # warm up
+                    floor = {"router_took": percentiles(took)[0],
+                             "empty": percentiles(over_http_path(port, "/floor/empty",
+                                                                 args.requests))[0],
+                             "hop": percentiles(over_http_path(port, "/floor/hop",
+                                                               args.requests))[0]}
+                lp50, lp99 = percentiles(local_lat)
+                hp50, hp99 = percentiles(http_lat)
+                row = (n, c, lp50, lp99, local_qps, hp50, hp99, http_qps)
+                rows.append(row)
+                if n == args.main_shards:
+                    main_rows[c] = row
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print()
+    print(f"{'shards':>6} {'conc':>4} | {'in-process p50':>14} {'p99':>8} {'QPS':>8} | "
+          f"{'HTTP p50':>9} {'p99':>8} {'QPS':>7} | {'added p50':>9} {'ratio':>6}")
+    for n, c, lp50, lp99, lqps, hp50, hp99, hqps in rows:
+        print(f"{n:>6} {c:>4} | {lp50:>11.2f} ms {lp99:>5.2f} ms {lqps:>8.0f} | "
+              f"{hp50:>6.2f} ms {hp99:>5.2f} ms {hqps:>7.0f} | {hp50 - lp50:>6.2f} ms "
+              f"{hp50 / lp50:>5.1f}x")
+    n, c, lp50, _, _, hp50, _, _ = main_rows[1]
+    added = hp50 - lp50
+    verdict = ("meets the goal" if added <= GOAL_MS else
+               "meets the bar, not the goal" if added <= BAR_MS else "MISSES the bar")
+    print()
+    print(f"added p50 through HTTP at {n} shards, concurrency 1: {added:.2f} ms "
+          f"(HTTP {hp50:.2f} ms vs in-process {lp50:.2f} ms, {hp50 / lp50:.1f}x); "
+          f"bar <= {BAR_MS:g} ms, goal <= {GOAL_MS:g} ms: {verdict}")
+    if floor:
+        print(f"Ray Serve's floor here, same run: an ingress answering at once p50 "
+              f"{floor['empty']:.2f} ms; after one handle call p50 {floor['hop']:.2f} ms "
+              f"(search app {hp50:.2f} ms = {hp50 / floor['hop']:.1f}x that); of the search "
+              f"app's p50, the Router's own work (parse, fan-out to {n} shards, merge) is "
+              f"{floor['router_took']:.2f} ms, proxy and HTTP the rest")
+    print(f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if args.concurrency in main_rows:
+        *_, hqps = main_rows[args.concurrency]
+        lqps = main_rows[args.concurrency][4]
+        print(f"throughput at concurrency {args.concurrency}, {n} shards: HTTP {hqps:.0f} QPS vs "
+              f"in-process {lqps:.0f} QPS ({hqps / lqps:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

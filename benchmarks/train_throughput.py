@@ -1,0 +1,132 @@
+"""Training throughput and memory: DeepSpeed ZeRO-3 and ZeRO-2 against plain DDP.
+
+Trains the same model on the same batches for ``--steps`` optimizer steps with each strategy
+(Ray Train, ``--workers`` workers, GPUs when the cluster has them) and prints, side by side,
+samples/s (queries per second, median step after the first, which includes warm-up) and peak
+memory per worker (CUDA max allocated on GPU, peak RSS on CPU), each also as a ratio to DDP
+measured in the same run::
+
+    python benchmarks/train_throughput.py --model smollm2-135m --steps 6
+    python benchmarks/train_throughput.py --model minilm --per-device-batch-size 8 --group-size 4
+
+Training examples: ``--train-data`` (a training-examples file or `retriever mine` folder), or
+synthetic ones built from Cranfield's text (``../shared/datasets/cranfield``) by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STRATEGIES = ("zero3", "zero2", "ddp")
+
+
+def synthetic_examples(path: Path, n: int, negatives: int = 8) -> Path:
+    """Queries = Cranfield queries, positives = judged docs, negatives = random docs."""
+    from retriever.data import TrainingExample, load_dataset, write_training_examples
+
+    data = load_dataset(str(REPO.parent / "shared" / "datasets" / "cranfield"))
+    rng = random.Random(0)
+    passages = data.corpus.passages()
+    row = {d: i for i, d in enumerate(data.corpus.ids)}
+    examples = []
+    for qid, text in list(data.judged_queries().items())[:n]:
+        positives = [passages[row[d]] for d, g in data.qrels[qid].items() if g > 0]
+        if positives:
+            examples.append(TrainingExample(query=text, positives=positives, query_id=qid,
+                                            negatives=rng.sample(passages, negatives)))
+    write_training_examples(examples, str(path))
+    return path
+
+
+def measure(strategy: str, args, train_data: str, root: Path) -> dict:
+    from retriever.training.checkpoint import read_state
+    from retriever.training.config import TrainConfig
+    from retriever.training.run import train
+
+    config = TrainConfig(
+        train_data=train_data, model=args.model, out=str(root / strategy), strategy=strategy,
+        num_workers=args.workers, max_steps=args.steps,
+        per_device_batch_size=args.per_device_batch_size, group_size=args.group_size,
+        passage_max_length=args.passage_max_length, query_max_length=32,
+        gradient_checkpointing=args.gradient_checkpointing, lora_r=16, lora_alpha=32,
+        checkpoint_every=args.steps, export=False, max_failures=0, schedule="constant",
+        warmup_ratio=0.0, seed=0)
+    result = train(config)
+    if result.error:
+        raise RuntimeError(f"{strategy}: {result.error}")
+    state, _ = read_state(result.checkpoint)
+    history = state["history"]
+    steady = [h["step_s"] for h in history[1:]] or [history[0]["step_s"]]
+    queries = args.per_device_batch_size * args.workers
+    return {"strategy": strategy, "samples_per_s": queries / statistics.median(steady),
+            "peak_memory_mb": history[-1]["peak_memory_mb"],
+            "params_held": result.metrics["partition"]["params_held"],
+            "params_full": result.metrics["partition"]["params_full"],
+            "losses": [round(h["loss"], 5) for h in history]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--train-data", default=None)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--per-device-batch-size", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=2)
+    parser.add_argument("--passage-max-length", type=int, default=128)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
+                        choices=STRATEGIES)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    ray.init(log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as scratch:
+        root = Path(scratch)
+        train_data = args.train_data or str(synthetic_examples(root / "examples.jsonl", 150))
+        for strategy in args.strategies:
+            print(f"measuring {strategy} ...", file=sys.stderr, flush=True)
+            rows.append(measure(strategy, args, train_data, root))
+    ray.shutdown()
+
+    peer = next((r for r in rows if r["strategy"] == "ddp"), rows[-1])
+    print(f"\nmodel {args.model}, {args.workers} workers, {args.per_device_batch_size} queries x "
+          f"{args.group_size} passages per worker per step, passages <= "
+          f"{args.passage_max_length} tokens, {args.steps} steps; ratios against "
+          f"{peer['strategy']} measured in this run")
+    header = (f"{'strategy':<8}  {'samples/s':>10}  {'x peer':>7}  "
+              f"{'peak MiB per worker':>22}  {'x peer':>7}  {'params held per worker':>24}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        mem = max(r["peak_memory_mb"])
+        peer_mem = max(peer["peak_memory_mb"])
+        print(f"{r['strategy']:<8}  {r['samples_per_s']:>10.2f}  "
+              f"{r['samples_per_s'] / peer['samples_per_s']:>7.2f}  "
+              f"{' / '.join(f'{m:.0f}' for m in r['peak_memory_mb']):>22}  "
+              f"{mem / peer_mem:>7.2f}  "
+              f"{' / '.join(f'{h / 1e6:.1f}M' for h in r['params_held']):>24}")
+    same = all(max(abs(a - b) for a, b in zip(r["losses"], rows[0]["losses"])) <= 1e-4
+               for r in rows)
+    print(f"\nlosses per step {'agree (1e-4)' if same else 'DIFFER'} across strategies: "
+          + "; ".join(f"{r['strategy']} {r['losses']}" for r in rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Serve an index locally: ``retriever serve --index URL [--host 127.0.0.1 --port N --docs URL]``.
+
+Starts (or joins) Ray, starts Serve's HTTP proxy on ``--host:--port`` (loopback unless told
+otherwise) and deploys the search application (``serve/app.py``: QueryEncoder -> Router ->
+ShardSearcher x N) under the name ``search`` at ``/``; then waits until interrupted.
+``--serve-config FILE`` takes the application's ``args`` and ``deployments`` (replicas,
+autoscaling, actor options) from a Serve config file such as ``serve/config.yaml``; flags win
+over its args. The same app deploys on a cluster with ``serve deploy serve/config.yaml`` or a
+KubeRay RayService. Set ``RETRIEVER_API_TOKEN`` to require a bearer token.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from retriever import config as cfg
+from retriever.errors import InputError
+
+APP_NAME = "search"
+
+
+@dataclass
+class ServeConfig:
+    """Serve a sharded index over HTTP (Ray Serve)."""
+
+    index: str | None = field(default=None, metadata={"help": "index folder URL (required "
+                                                              "unless the --serve-config has it)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP host to bind"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    docs: str | None = field(default=None, metadata={
+        "help": "dataset folder or corpus file: adds title and text to hits"})
+    model: str | None = field(default=None, metadata={
+        "help": "query encoder (default: the model the index's embeddings were made with)"})
+    timeout_s: float | None = field(default=None, metadata={
+        "help": "per-shard timeout in seconds; unset: the serve config's, else 2.0"})
+    max_top_k: int | None = field(default=None, metadata={
+        "help": "largest top_k accepted; unset: the serve config's, else 1000"})
+    serve_config: str | None = field(default=None, metadata={
+        "help": "Serve config YAML: its first application's args and deployments"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "join this Ray cluster; unset: $RAY_ADDRESS (set under `ray job submit`), "
+                "else a new local cluster"})
+    num_cpus: int | None = field(default=None, metadata={"help": "CPUs for a local Ray"})
+
+
+def app_args(config: ServeConfig) -> dict:
+    """build_app arguments: the Serve config file's, overridden by the flags given."""
+    args: dict = {}
+    if config.serve_config:
+        data = cfg.load_file(config.serve_config)
+        apps = data.get("applications") or []
+        if not apps:
+            raise InputError(f"{config.serve_config}: no applications")
+        args.update(apps[0].get("args") or {})
+        # Serve's own per-deployment list comes after (and so wins over) args.deployments.
+        args["deployments"] = [*args.get("deployments", []), *apps[0].get("deployments", [])]
+    for name in ("index", "docs", "model", "timeout_s", "max_top_k"):
+        value = getattr(config, name)
+        if value is not None:
+            args[name] = value
+    if not args.get("index"):
+        raise InputError("--index is required (or an 'index' arg in --serve-config)")
+    return args
+
+
+def start(config: ServeConfig) -> str:
+    """Deploy the app (non-blocking); returns its base URL."""
+    import ray
+    from ray import serve
+
+    from serve.app import LOW_LATENCY_ENV, build_app
+
+    app = build_app(app_args(config))  # reads the manifest: bad input fails before Ray starts
+    if not ray.is_initialized():
+        address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":  # a new local cluster: its proxy gets the latency switches too
+            for name, value in LOW_LATENCY_ENV.items():
+                os.environ.setdefault(name, value)
+        ray.init(address=address, num_cpus=config.num_cpus if address == "local" else None,
+                 log_to_driver=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{config.host}:{config.port}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = cfg.parse(ServeConfig, argv, prog="retriever serve")
+    url = start(config)
+    print(f"serving {APP_NAME} at {url}/ (POST /search, GET /info, GET /healthz); Ctrl-C stops",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli
+
+    sys.exit(cli(["serve", *sys.argv[1:]]))

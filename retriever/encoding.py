@@ -1,0 +1,475 @@
+"""Corpus encoding on Ray Data: tokenize, encode in an actor pool, write embedding shards.
+
+A shard of :mod:`retriever.corpus_reader` is the unit of work, of retry and of output::
+
+    read (one streaming task) -> TokenizeShards (actor: Encoder.tokenize, no weights)
+      -> EncodeShards (actor pool holding the model: length-sorted, token-budget batches)
+      -> write_shards (tasks: part-NNNNN.parquet, then its record part-NNNNN.json)
+
+Every stage takes one shard per call (one-row blocks, ``batch_size=1``), so a shard is never
+split or merged. A shard is *finished* when its record names the same input hash and settings
+key and its parquet has the recorded size; a re-run passes it through without work. A killed
+actor is restarted and its shard retried (Ray Data's actor pools default to
+``max_restarts=-1``, ``max_task_retries=-1``); each file is written atomically, so a retried
+shard just writes the same bytes again. The manifest is written last, only when every shard
+of the plan is finished.
+
+Resources: with GPUs, one GPU per actor and the Encoder's GPU dtype (bf16, else fp16). On CPU,
+a fractional ``num_cpus`` per actor (0.75 for each of 2 actors on 2 CPUs) so the read,
+tokenize and write stages (0.1 CPU each) always get scheduled -- whole CPUs per actor on a
+2-CPU node would leave the read unschedulable and deadlock -- and torch threads per actor set
+to match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from retriever import embeddings, store
+from retriever.corpus_reader import SHARD_SCHEMA, CorpusSource, read_corpus
+from retriever.encoder import Encoder, EncoderConfig, token_budget_batches
+from retriever.errors import InputError
+
+AUX_CPUS = 0.1  # read, tokenize and each write task
+AUX_RESERVE = 0.5  # CPU left to those stages when sizing the encoder actors
+RECORD_RE = re.compile(r"^part-(\d{5,})\.json$")
+
+TOKENS_SCHEMA = pa.schema([f for f in SHARD_SCHEMA if f.name != "texts"] +
+                          [pa.field("input_ids", pa.list_(pa.list_(pa.int32())))])
+ENCODED_SCHEMA = pa.schema([f for f in SHARD_SCHEMA if f.name != "texts"] + [
+    pa.field("vectors", pa.large_binary()), pa.field("dim", pa.int32()),
+    pa.field("tokens", pa.int64()), pa.field("padded_tokens", pa.int64()),
+    pa.field("seconds", pa.float64()), pa.field("gpu_util", pa.float64()),
+    pa.field("settings", pa.string())])
+SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("status", pa.string()),
+                            ("last", pa.bool_()), ("record", pa.string())])
+
+
+def record_name(index: int) -> str:
+    return f"part-{index:05d}.json"
+
+
+@dataclass
+class EncodeOptions:
+    """What the pipeline needs besides the corpus and the output folder."""
+
+    encoder: EncoderConfig
+    embedding_dtype: str = "float16"
+    docs_per_shard: int = 1000
+    on_bad_input: str = "error"
+    max_shards: int = 0  # 0: all; else stop after this many shards (the run stays incomplete)
+    actors: int = 0  # 0: one per GPU, else by CPUs
+    cpus_per_actor: float = 0.0  # 0: auto (fractional on CPU)
+    threads_per_actor: int = 0  # 0: auto
+    tokenizer_actors: int = 1
+    verify_existing: bool = False  # re-hash finished parquet files before trusting them
+
+    def __post_init__(self):
+        if self.embedding_dtype not in embeddings.DTYPES:
+            raise ValueError(f"embedding_dtype {self.embedding_dtype!r}: expected one of "
+                             f"{', '.join(embeddings.DTYPES)}")
+        for name in ("docs_per_shard", "tokenizer_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_shards", "actors", "cpus_per_actor", "threads_per_actor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+class PassageTokenizer(Encoder):
+    """An Encoder without weights: tokenizer, prefixes/templates, settings and dims only."""
+
+    def _load_model(self):
+        return None
+
+    @functools.cached_property
+    def dim(self) -> int:  # type: ignore[override]
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(self.resolved.path).hidden_size)
+
+
+def run_key(settings: dict, options: EncodeOptions) -> str:
+    """What a finished shard must match to be reused: everything that decides its vectors
+    and its rows, with the dtype as requested (the one used depends on the hardware)."""
+    data = {k: v for k, v in settings.items() if k != "dtype"}
+    data.update(requested_dtype=options.encoder.dtype, requested_device=options.encoder.device,
+                embedding_dtype=options.embedding_dtype, docs_per_shard=options.docs_per_shard,
+                on_bad_input=options.on_bad_input, format=embeddings.FORMAT)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- resources
+
+@dataclass
+class Resources:
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    device: str  # "cuda" or "cpu"
+
+    def describe(self) -> str:
+        what = (f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.num_cpus:g} CPU")
+        return f"{self.actors} actor(s) x ({what}, {self.threads} thread(s))"
+
+
+def plan_resources(options: EncodeOptions, cluster: dict | None = None) -> Resources:
+    """Actor count and per-actor resources for the cluster (``ray.cluster_resources()``)."""
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    cpus, gpus = float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0))
+    device = options.encoder.device
+    if device.startswith("cuda") and gpus < 1:
+        raise InputError(f"device {device!r} requested but the Ray cluster has no GPUs")
+    if gpus >= 1 and (device == "auto" or device.startswith("cuda")):
+        actors = options.actors or int(gpus)
+        num_cpus = options.cpus_per_actor or max(AUX_CPUS, min(1.0, (cpus - AUX_RESERVE)
+                                                                / actors))
+        return Resources(actors, num_cpus, 1.0, options.threads_per_actor or 1, "cuda")
+    threads = options.threads_per_actor or (1 if cpus <= 4 else 4)
+    actors = options.actors or max(1, int(cpus // threads))
+    num_cpus = options.cpus_per_actor or max(AUX_CPUS, min(float(threads),
+                                                           (cpus - AUX_RESERVE) / actors))
+    return Resources(actors, round(num_cpus, 3), 0.0, threads, "cpu")
+
+
+# ---------------------------------------------------------------------------- stage UDFs
+
+class TokenizeShards:
+    """Ray Data UDF: a shard's texts -> token id lists (prefix, template, truncation, EOS)."""
+
+    def __init__(self, encoder_config: EncoderConfig):
+        self.tokenizer = PassageTokenizer(dataclasses.replace(encoder_config, device="cpu"))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for row in batch.to_pylist():
+            texts = row.pop("texts")
+            row["input_ids"] = self.tokenizer.tokenize(texts, "passage") if texts else []
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA)
+
+
+class _GpuSampler:
+    """Samples ``torch.cuda.utilization()`` twice a second (needs pynvml; else nothing)."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        import torch
+
+        while not self._stop.wait(0.5):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # noqa: BLE001 -- no NVML: report nothing
+                return
+
+    def take(self) -> float | None:
+        samples, self.samples = self.samples, []
+        return sum(samples) / len(samples) if samples else None
+
+
+class EncodeShards:
+    """Ray Data UDF held by each actor of the pool: the model, one shard per call."""
+
+    def __init__(self, encoder_config: EncoderConfig, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.encoder = Encoder(encoder_config)
+        self.settings = json.dumps(self.encoder.settings(), sort_keys=True)
+        self.gpu = _GpuSampler() if self.encoder.placement.device.type == "cuda" else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        config = self.encoder.config
+        for row in batch.to_pylist():
+            ids = row.pop("input_ids")
+            vectors = np.zeros((0, self.encoder.dim), np.float32)
+            stats = {"tokens": 0, "padded_tokens": 0, "seconds": 0.0, "gpu_util": None}
+            if not row["done"] and ids:
+                if self.gpu:
+                    self.gpu.take()
+                started = time.perf_counter()
+                vectors = self.encoder.encode_ids(ids)
+                stats["seconds"] = time.perf_counter() - started
+                stats["tokens"], stats["padded_tokens"] = padding(
+                    [len(r) for r in ids], config.batch_size, config.max_tokens_per_batch)
+                stats["gpu_util"] = self.gpu.take() if self.gpu else None
+            row.update(vectors=vectors.astype(np.float32).tobytes(), dim=self.encoder.dim,
+                       settings=self.settings, **stats)
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+
+
+def padding(lengths: list[int], batch_size: int, max_tokens: int | None) -> tuple[int, int]:
+    """(real tokens, padded tokens) under the Encoder's own token-budget batching."""
+    padded = sum(len(b) * max(lengths[i] for i in b)
+                 for b in token_budget_batches(lengths, batch_size, max_tokens))
+    return sum(lengths), padded
+
+
+def write_shards(batch: pa.Table, folder: str, embedding_dtype: str, key: str) -> pa.Table:
+    """Ray Data UDF: write each shard's parquet, then its record (the shard's completion)."""
+    rows = []
+    for row in batch.to_pylist():
+        if row["done"]:
+            rows.append({"shard": row["shard"], "status": "done", "last": row["last"],
+                         "record": ""})
+            continue
+        vectors = np.frombuffer(row["vectors"], np.float32).reshape(-1, row["dim"])
+        entry = embeddings.write_part(folder, row["shard"], row["doc_ids"], vectors,
+                                      embedding_dtype)
+        record = {**entry, "shard": row["shard"], "settings_key": key,
+                  "first_row": row["first_row"], "input_rows": row["input_rows"],
+                  "input_sha256": row["input_sha256"], "last": row["last"],
+                  "skipped": json.loads(row["skipped"]), "tokens": row["tokens"],
+                  "padded_tokens": row["padded_tokens"], "seconds": row["seconds"],
+                  "gpu_util": row["gpu_util"], "encoder": json.loads(row["settings"]),
+                  "created": embeddings.now()}
+        store.write_json(store.join(folder, record_name(row["shard"])), record)
+        rows.append({"shard": row["shard"], "status": "encoded", "last": row["last"],
+                     "record": json.dumps(record)})
+    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- output state
+
+def finished_shards(folder: str, key: str, verify: bool = False) -> dict[int, dict]:
+    """Records of the shards already finished in ``folder`` for this settings key."""
+    fs, path = store.filesystem(folder)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return {}
+    sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size")
+             for entry in fs.ls(path, detail=True)}
+    names = [n for n in sizes if RECORD_RE.match(n)]
+
+    def check(name: str) -> dict | None:
+        try:
+            record = store.read_json(store.join(folder, name))
+        except (OSError, ValueError):
+            return None
+        if record.get("settings_key") != key or sizes.get(record.get("file")) != \
+                record.get("bytes"):
+            return None
+        if verify and embeddings.sha256_of(store.join(folder, record["file"])) != \
+                record.get("sha256"):
+            return None
+        return record
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        records = [r for r in pool.map(check, names) if r]
+    return {int(r["shard"]): r for r in records}
+
+
+def remove(folder: str, names: list[str]) -> None:
+    fs, path = store.filesystem(folder)
+    for name in names:
+        target = f"{path.rstrip('/')}/{name}"
+        if fs.exists(target):
+            fs.rm(target)
+
+
+def stale_parts(folder: str, last: int) -> list[str]:
+    """Part files and records numbered beyond the plan's last shard (a shrunken corpus)."""
+    out = []
+    for name in store.listdir(folder):
+        match = re.match(r"^part-(\d{5,})\.(parquet|json)$", name)
+        if match and int(match.group(1)) > last:
+            out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+def build_pipeline(source: CorpusSource, folder: str, options: EncodeOptions,
+                   resources: Resources, key: str, done: dict[int, dict]):
+    """The Ray Dataset of the whole job; it yields one :data:`SUMMARY_SCHEMA` row a shard."""
+    from ray.data import DataContext
+
+    # Every block must hold exactly one shard: Ray Data's output buffers would otherwise merge
+    # the read's one-row tables into blocks of up to 128 MiB (the whole corpus here, read to
+    # its end before anything moves on, then encoded as one task on one actor). A dataset
+    # keeps the context it was built with, so the setting stays with this pipeline.
+    context = DataContext.get_current()
+    saved = context.target_max_block_size
+    context.target_max_block_size = 1
+    try:
+        return _build(source, folder, options, resources, key, done)
+    finally:
+        context.target_max_block_size = saved
+
+
+def _build(source, folder, options, resources, key, done):
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    ds = read_corpus(source, options.docs_per_shard, options.on_bad_input,
+                     {k: r["input_sha256"] for k, r in done.items()},
+                     options.max_shards or None, num_cpus=AUX_CPUS)
+    # Fixed-size pools: the autoscaler would drop a loaded model whenever the pool is briefly
+    # under half busy (e.g. while the tokenizer starts) and pay its load time again later.
+    ds = ds.map_batches(TokenizeShards, fn_constructor_kwargs={"encoder_config": options.encoder},
+                        batch_size=1, batch_format="pyarrow", num_cpus=AUX_CPUS,
+                        compute=ActorPoolStrategy(size=options.tokenizer_actors))
+    ds = ds.map_batches(
+        EncodeShards, batch_size=1, batch_format="pyarrow",
+        fn_constructor_kwargs={"encoder_config": options.encoder, "threads": resources.threads},
+        compute=ActorPoolStrategy(size=resources.actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
+    return ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow",
+                          num_cpus=AUX_CPUS, compute=TaskPoolStrategy(size=2),
+                          fn_kwargs={"folder": folder, "embedding_dtype": options.embedding_dtype,
+                                     "key": key})
+
+
+def input_error(err: BaseException) -> InputError | None:
+    """The bad-input error behind a failure raised through Ray, if there is one."""
+    from ray.exceptions import RayError
+
+    stack, seen = [err], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, InputError) and not isinstance(current, RayError):
+            return current
+        stack += [current.__context__, current.__cause__, getattr(current, "cause", None)]
+    return None
+
+
+def execute(ds) -> list[dict]:
+    """Run the pipeline to the end; bad input surfaces as its own :class:`InputError`."""
+    rows: list[dict] = []
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows.extend(batch.to_pylist())
+    except Exception as err:  # noqa: BLE001 -- re-raised unless it hides bad input
+        found = input_error(err)
+        if found is None:
+            raise
+        raise InputError(str(found)) from None
+    return rows
+
+
+# ---------------------------------------------------------------------------- result
+
+@dataclass
+class EncodeResult:
+    """What one run did, and the manifest when the folder is complete."""
+
+    folder: str
+    shards_encoded: int
+    shards_reused: int
+    docs: int  # embedded in this run
+    seconds: float
+    tokens: int
+    padded_tokens: int
+    complete: bool
+    shards_total: int | None
+    rows_total: int | None
+    skipped: dict[str, int]
+    gpu_util: float | None
+    resources: str
+    manifest: dict | None = None
+    stale_removed: list[str] = field(default_factory=list)
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def summary(self) -> str:
+        gpu = f"GPU util {self.gpu_util:.0f}%" if self.gpu_util is not None else "GPU util n/a"
+        state = (f"complete: {self.rows_total} embeddings in {self.shards_total} shards"
+                 if self.complete else "INCOMPLETE (no manifest yet): re-run to finish")
+        bad = sum(self.skipped.values())
+        return (f"encode: {self.docs} docs in {self.seconds:.1f}s = {self.docs_per_s:.1f} docs/s, "
+                f"{self.tokens_per_s:.0f} tokens/s, padding {100 * self.padding_fraction:.1f}%, "
+                f"{gpu} | shards: {self.shards_encoded} encoded, {self.shards_reused} already "
+                f"done | bad rows skipped: {bad} | {self.resources} | {state}")
+
+
+def finish(folder: str, source: CorpusSource, rows: list[dict], done: dict[int, dict],
+           key: str, options: EncodeOptions, seconds: float, resources: Resources) -> EncodeResult:
+    """Tally the run; when every shard of the plan is finished, write the manifest (last)."""
+    encoded = {int(r["shard"]): json.loads(r["record"]) for r in rows if r["status"] == "encoded"}
+    records = {**done, **encoded}
+    seen = {int(r["shard"]) for r in rows}
+    last = next((int(r["shard"]) for r in rows if r["last"]), None)
+    complete = last is not None and seen == set(range(last + 1))
+    new = list(encoded.values())
+    utils = [r["gpu_util"] for r in new if r.get("gpu_util") is not None]
+    result = EncodeResult(
+        folder=folder, shards_encoded=len(encoded), shards_reused=len(seen - set(encoded)),
+        docs=sum(r["rows"] for r in new), seconds=seconds, tokens=sum(r["tokens"] for r in new),
+        padded_tokens=sum(r["padded_tokens"] for r in new), complete=complete,
+        shards_total=last + 1 if complete else None, rows_total=None, skipped={},
+        gpu_util=sum(utils) / len(utils) if utils else None, resources=resources.describe())
+    if not complete:
+        for r in new:
+            _add_counts(result.skipped, r["skipped"]["counts"])
+        return result
+    plan = [records[k] for k in range(last + 1)]
+    skipped: dict[str, int] = {}
+    examples: list[str] = []
+    for r in plan:
+        _add_counts(skipped, r["skipped"]["counts"])
+        examples += r["skipped"]["examples"][: max(0, 20 - len(examples))]
+    settings = [r["encoder"] for r in plan]
+    variants = [dict(s) for s in {json.dumps(s, sort_keys=True): s for s in settings}.values()]
+    result.stale_removed = stale_parts(folder, last)
+    remove(folder, result.stale_removed)
+    tokens = sum(r["tokens"] for r in plan)
+    padded = sum(r["padded_tokens"] for r in plan)
+    result.manifest = embeddings.write_manifest(
+        folder, encoder=settings[0], dtype=options.embedding_dtype,
+        parts=[{k: r[k] for k in ("file", "rows", "sha256", "bytes")} for r in plan],
+        source={"url": source.url, "files": source.files,
+                "input_rows": sum(r["input_rows"] for r in plan),
+                "fingerprint": hashlib.sha256("".join(r["input_sha256"] for r in plan)
+                                              .encode()).hexdigest()},
+        skipped=skipped, skipped_examples=examples,
+        encode={"settings_key": key, "docs_per_shard": options.docs_per_shard,
+                "on_bad_input": options.on_bad_input, "shards": len(plan), "tokens": tokens,
+                "padded_tokens": padded,
+                "padding_fraction": round(1 - tokens / padded, 6) if padded else 0.0,
+                "encoder_variants": variants if len(variants) > 1 else [],
+                "last_run": {"seconds": round(seconds, 3), "shards_encoded": len(encoded),
+                             "shards_reused": result.shards_reused, "docs": result.docs,
+                             "docs_per_s": round(result.docs_per_s, 3),
+                             "resources": result.resources}})
+    result.rows_total = result.manifest["rows"]
+    result.shards_total = len(plan)
+    result.skipped = skipped
+    return result
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for kind, n in counts.items():
+        total[kind] = total.get(kind, 0) + int(n)

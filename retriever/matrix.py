@@ -1,0 +1,106 @@
+"""An evaluation matrix: models x datasets, each cell a run keyed by what decides its numbers.
+
+A model entry is a string (``bm25``, a packaged name, a path) or a mapping with ``name``,
+``model`` and any Encoder option (``prompt``, ``pooling``, prefixes, max lengths, ``dtype``).
+A dataset entry is a path/URL or a mapping with ``name``, ``path`` and ``split``.
+
+A run's key hashes the model spec, the model weights' fingerprint, the dataset files' sizes and
+checksums, and the retrieval settings; a finished run (``provenance.json`` holding the same key
+next to ``metrics.json``) is reused instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from retriever import store
+from retriever.errors import InputError
+
+ENCODER_OPTIONS = {"prompt", "pooling", "query_prefix", "passage_prefix", "instruction",
+                   "query_max_length", "passage_max_length", "dtype", "normalize"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model: str
+    options: tuple = ()  # sorted (key, value) pairs of Encoder options
+
+    @property
+    def is_bm25(self) -> bool:
+        return self.model == "bm25"
+
+    def encoder_options(self) -> dict:
+        return dict(self.options)
+
+    @classmethod
+    def parse(cls, entry) -> "ModelSpec":
+        if isinstance(entry, str):
+            return cls(name=entry.rstrip("/").rsplit("/", 1)[-1], model=entry)
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise InputError(f"model entry {entry!r}: expected a name/path or a mapping with "
+                             "'model'")
+        unknown = set(entry) - ENCODER_OPTIONS - {"name", "model"}
+        if unknown:
+            raise InputError(f"model entry {entry.get('name', entry['model'])!r}: unknown "
+                             f"option(s) {', '.join(sorted(unknown))}")
+        options = tuple(sorted((k, v) for k, v in entry.items() if k in ENCODER_OPTIONS))
+        name = entry.get("name") or entry["model"].rstrip("/").rsplit("/", 1)[-1]
+        return cls(name=name, model=entry["model"], options=options)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    path: str
+    split: str = "test"
+
+    @classmethod
+    def parse(cls, entry) -> "DatasetSpec":
+        if isinstance(entry, str):
+            return cls(name=entry.rstrip("/").rsplit("/", 1)[-1], path=entry)
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise InputError(f"dataset entry {entry!r}: expected a path or a mapping with "
+                             "'path'")
+        path = entry["path"]
+        return cls(name=entry.get("name") or path.rstrip("/").rsplit("/", 1)[-1], path=path,
+                   split=entry.get("split", "test"))
+
+
+def dataset_fingerprint(files: dict[str, str]) -> str:
+    """sha256 over the dataset's corpus, queries and qrels bytes."""
+    digest = hashlib.sha256()
+    for role in sorted(files):
+        digest.update(role.encode())
+        digest.update(hashlib.sha256(store.read_bytes(files[role])).digest())
+    return digest.hexdigest()[:16]
+
+
+def run_key(model: ModelSpec, model_hash: str, dataset_hash: str, settings: dict) -> str:
+    payload = {"model": model.model, "options": model.encoder_options(),
+               "model_hash": model_hash, "dataset_hash": dataset_hash, "settings": settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class RunRecord:
+    model: str
+    dataset: str
+    folder: str
+    key: str
+    reused: bool
+    metrics: dict = field(default_factory=dict)
+
+
+def finished(folder: str, key: str) -> dict | None:
+    """The stored metrics if ``folder`` holds a complete run with this key, else None."""
+    provenance_url = store.join(folder, "provenance.json")
+    metrics_url = store.join(folder, "metrics.json")
+    if not (store.exists(provenance_url) and store.exists(metrics_url)
+            and store.exists(store.join(folder, "run.trec"))):
+        return None
+    if store.read_json(provenance_url).get("key") != key:
+        return None
+    return store.read_json(metrics_url)

@@ -1,0 +1,202 @@
+"""Hard-negative mining: BM25 and dense candidates, positives excluded, false negatives
+filtered, fused, and sampled from a rank window.
+
+For every judged training query with at least one positive (grade >= ``min_relevance``):
+
+1. **Candidates** from BM25 (bm25s, Lucene scoring, the project's BM25 settings) and from a
+   dense model (the Encoder + exact search), ``bm25_depth`` / ``dense_depth`` each; either
+   source can be switched off. Judged positives are never candidates; documents judged
+   non-relevant stay (they are true negatives).
+2. **False-negative filter** (positive-aware, as NV-Retriever's "TopK-PercPos", Moreira et al.
+   2024): a document that any source scores above ``false_negative_margin`` x that source's
+   score for the query's best positive is dropped from every list, as probably relevant but
+   unjudged (BM25 skips the rule for a query whose positives share no term with it).
+3. **Fusion**: reciprocal rank fusion (``1 / (rrf_k + rank)`` summed over sources) of the
+   filtered lists; ties in trec_eval order (doc id descending).
+4. **Window**: ``num_negatives`` documents sampled (seeded per query) from fused ranks
+   ``[window_start, window_end)``, kept in rank order; skipping the very top (window_start > 0)
+   is a further guard against false negatives.
+
+The result is a list of :class:`retriever.data.TrainingExample` (positives and negatives as
+passage text plus their ids) and counts that describe what the filter and window did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from retriever.bm25 import BM25Config
+from retriever.data import Dataset, TrainingExample
+from retriever.ranking import Hit, order
+
+
+@dataclass
+class MiningConfig:
+    bm25_depth: int = field(default=100, metadata={"help": "BM25 candidates per query (0: off)"})
+    dense_model: str | None = field(default="minilm", metadata={
+        "help": "dense model for candidates (packaged name or path; 'none': off)"})
+    dense_depth: int = field(default=100, metadata={"help": "dense candidates per query"})
+    num_negatives: int = field(default=16, metadata={"help": "negatives kept per query"})
+    window_start: int = field(default=0, metadata={
+        "help": "first fused rank (0-based) negatives are sampled from"})
+    window_end: int = field(default=60, metadata={"help": "fused rank the window ends before"})
+    false_negative_margin: float | None = field(default=0.95, metadata={
+        "help": "drop candidates that any source scores above this x its best positive's score; "
+                "0 disables the filter"})
+    min_relevance: int = field(default=1, metadata={"help": "lowest grade that is a positive"})
+    rrf_k: int = field(default=60, metadata={"help": "reciprocal rank fusion constant"})
+    seed: int = 0
+    batch_size: int = field(default=64, metadata={"help": "dense encoding batch size"})
+    dtype: str = field(default="auto", metadata={"help": "dense encoding dtype (auto | float32)"})
+
+    def __post_init__(self):
+        if self.dense_model in ("", "none", "None"):
+            self.dense_model = None
+        if self.bm25_depth < 0 or self.dense_depth < 0:
+            raise ValueError("bm25_depth and dense_depth must be >= 0")
+        if not self.bm25_depth and not (self.dense_model and self.dense_depth):
+            raise ValueError("no candidate source: set bm25_depth > 0 or a dense_model")
+        if not 0 <= self.window_start < self.window_end:
+            raise ValueError(f"rank window [{self.window_start}, {self.window_end}) is empty")
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if self.false_negative_margin is not None and self.false_negative_margin < 0:
+            raise ValueError("false_negative_margin must be >= 0 (0 or None disables it)")
+        if not self.false_negative_margin:
+            self.false_negative_margin = None
+
+
+# ---------------------------------------------------------------------------- sources
+
+class BM25Scorer:
+    """Scores of every document for a query (so positives' scores are known exactly)."""
+
+    def __init__(self, passages: list[str], config: BM25Config | None = None):
+        import bm25s
+        import Stemmer
+
+        self.config = config or BM25Config()
+        self._stemmer = Stemmer.Stemmer(self.config.stemmer) if self.config.stemmer else None
+        self._bm25 = bm25s.BM25(k1=self.config.k1, b=self.config.b, method=self.config.method)
+        tokens = bm25s.tokenize(passages, stopwords=self.config.stopwords,
+                                stemmer=self._stemmer, show_progress=False)
+        self._bm25.index(tokens, show_progress=False)
+        self.num_docs = len(passages)
+
+    def scores(self, queries: list[str]) -> list[np.ndarray]:
+        import bm25s
+
+        tokens = bm25s.tokenize(queries, stopwords=self.config.stopwords, stemmer=self._stemmer,
+                                return_ids=False, show_progress=False)
+        return [np.asarray(self._bm25.get_scores(t), dtype=np.float32) if t else
+                np.zeros(self.num_docs, dtype=np.float32) for t in tokens]
+
+
+def _top(scores: np.ndarray, ids: list[str], depth: int, exclude: set[int]) -> list[Hit]:
+    """Top ``depth`` (score > 0 for BM25 is applied by the caller) without excluded rows."""
+    fetch = min(len(ids), depth + len(exclude) + 16)
+    rows = np.argpartition(-scores, fetch - 1)[:fetch] if fetch < len(ids) else \
+        np.arange(len(ids))
+    hits = [(ids[int(r)], float(scores[int(r)])) for r in rows if int(r) not in exclude]
+    return order(hits, depth)
+
+
+def _rrf(lists: list[list[Hit]], k: int) -> list[str]:
+    fused: dict[str, float] = {}
+    for hits in lists:
+        for rank, (doc_id, _) in enumerate(hits):
+            fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (k + rank + 1)
+    return [doc_id for doc_id, _ in order(fused.items())]
+
+
+def _query_rng(seed: int, qid: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{qid}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+# ---------------------------------------------------------------------------- mining
+
+def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
+        list[TrainingExample], dict]:
+    """Training examples with mined negatives for ``dataset``'s judged queries.
+
+    ``encoder``: an :class:`retriever.encoder.Encoder` for the dense source (built from
+    ``config.dense_model`` when not given).
+    """
+    corpus = dataset.corpus
+    passages = corpus.passages()
+    row_of = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+    queries = dataset.judged_queries()
+    qids = [q for q in queries
+            if any(g >= config.min_relevance for g in dataset.qrels[q].values())]
+    texts = [queries[q] for q in qids]
+
+    bm25 = BM25Scorer(passages).scores(texts) if config.bm25_depth else None
+    dense_q = dense_d = None
+    dense_settings = None
+    if config.dense_model and config.dense_depth:
+        if encoder is None:
+            from retriever.encoder import Encoder, EncoderConfig
+
+            encoder = Encoder(EncoderConfig(model=config.dense_model, dtype=config.dtype,
+                                            batch_size=config.batch_size))
+        dense_d = encoder.encode_passages(passages)
+        dense_q = encoder.encode_queries(texts)
+        dense_settings = encoder.settings()
+
+    examples: list[TrainingExample] = []
+    stats = {"queries": len(queries), "trained_queries": 0,
+             "skipped_no_positive": len(queries) - len(qids), "candidates_bm25": 0,
+             "candidates_dense": 0, "filtered_bm25": 0, "filtered_dense": 0,
+             "short_of_negatives": 0, "negatives": 0, "positives": 0}
+    for n, qid in enumerate(qids):
+        judged = dataset.qrels[qid]
+        positives = [d for d, g in judged.items() if g >= config.min_relevance and d in row_of]
+        exclude = {row_of[d] for d in positives}
+        sources = []  # (name, scores of every document, depth)
+        if bm25 is not None:
+            sources.append(("bm25", bm25[n], config.bm25_depth))
+        if dense_q is not None:
+            sources.append(("dense", dense_d @ dense_q[n], config.dense_depth))
+        tops = []
+        for name, scores, depth in sources:
+            hits = _top(scores, corpus.ids, depth, exclude)
+            if name == "bm25":
+                hits = [h for h in hits if h[1] > 0]  # no shared term: not a BM25 candidate
+            stats[f"candidates_{name}"] += len(hits)
+            tops.append((name, scores, hits))
+        # A candidate is a likely false negative if any source scores it above the margin.
+        union = {doc_id for _, _, hits in tops for doc_id, _ in hits}
+        flagged: set[str] = set()
+        if config.false_negative_margin is not None:
+            for _, scores, _ in tops:
+                best = max(float(scores[row_of[d]]) for d in positives)
+                if best > 0:
+                    limit = config.false_negative_margin * best
+                    flagged.update(d for d in union if float(scores[row_of[d]]) > limit)
+        lists = []
+        for name, _, hits in tops:
+            kept = [h for h in hits if h[0] not in flagged]
+            stats[f"filtered_{name}"] += len(hits) - len(kept)
+            lists.append(kept)
+        fused = _rrf(lists, config.rrf_k)[config.window_start:config.window_end]
+        if len(fused) > config.num_negatives:
+            picks = sorted(_query_rng(config.seed, qid).choice(
+                len(fused), size=config.num_negatives, replace=False).tolist())
+            negatives = [fused[i] for i in picks]
+        else:
+            negatives = fused
+        if len(negatives) < config.num_negatives:
+            stats["short_of_negatives"] += 1
+        stats["trained_queries"] += 1
+        stats["negatives"] += len(negatives)
+        stats["positives"] += len(positives)
+        examples.append(TrainingExample(
+            query=queries[qid], query_id=qid,
+            positives=[passages[row_of[d]] for d in positives], positive_ids=positives,
+            negatives=[passages[row_of[d]] for d in negatives], negative_ids=negatives))
+    settings = {**asdict(config), "bm25": asdict(BM25Config()), "dense": dense_settings}
+    return examples, {"stats": stats, "settings": settings}

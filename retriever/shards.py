@@ -1,0 +1,534 @@
+"""Sharded FAISS indexes: build N shards from an embedding dataset, load one, search it.
+
+Layout under one index folder URL::
+
+    shard-00000.faiss         the shard in FAISS' own format (faiss.serialize_index; no pickle)
+    shard-00000.ids.parquet   one ``doc_id`` string column: row r names FAISS label r
+    trained.faiss             IVF-PQ only: the quantiser and PQ codebooks, trained once
+    manifest.json             written last; an index without it is incomplete
+
+Shard ``s`` of ``n`` holds the contiguous row range ``[s*rows//n, (s+1)*rows//n)`` of the
+embedding dataset (manifest order), so a shard is built by reading only the parts it
+overlaps, and shards can be built in parallel (``jobs/index.py`` runs them as Ray tasks).
+
+Types (all inner product; with L2-normalised embeddings that is cosine):
+
+- ``flat``: ``Flat`` (exact).
+- ``ivfpq``: ``IVF{nlist},PQ{m}x{nbits}np,Refine(SQ8)``: IVF lists of PQ codes (``np``: no
+  polysemous training, which is slow and unused here), whose candidates (``k_factor`` x k) are
+  re-ranked with 8-bit scalar-quantised vectors. PQ alone tops out below 0.95 recall@10 on
+  real embeddings (MiniLM/SciFact: 0.94 with 192 two-dimensional sub-quantisers); the SQ8
+  re-rank costs d bytes a vector and lifts it to ~0.99 (PQ48 + SQ8 = 432 B vs 1,536 B flat
+  for d=384). ``--refine none`` gives plain IVF-PQ. The coarse quantiser, PQ codebooks and SQ
+  ranges are trained ONCE on a uniform sample of the whole dataset and that trained, empty
+  index is the start of every shard, so all shards share them. ``nprobe`` is chosen as the
+  smallest power of two whose recall@10 against exact search reaches the target.
+- ``hnsw``: ``HNSW{M},Flat``; ``efSearch`` chosen the same way.
+
+Recall@k is measured while building: a sample of documents serves as queries (each one's own
+document excluded from both rankings); every shard reports its exact and approximate top-k
+for them, and the merged rankings are compared, exactly as the serve router merges them.
+
+GPU FAISS is used when a GPU is present (``faiss.get_num_gpus() > 0``): k-means of the IVF
+quantiser runs on all GPUs, and flat shards are searched there. Shards are always written
+from the CPU form.
+
+Manifest keys: ``format`` ("retriever.index/1"), ``type``, ``factory``, ``metric``, ``dim``,
+``rows``, ``shards`` (list of {"index", "ids", "rows", "start", "sha256", "ids_sha256"}),
+``search_params`` ({"nprobe": n} / {"efSearch": n} / {}), ``recall`` (at, value, queries,
+per search parameter), ``train`` (sample size, seed), ``gpu``, ``source`` (embeddings URL,
+its manifest's sha256, encoder settings, dtype, rows), ``code_version``, ``created``.
+
+Search results follow trec_eval's order (``retriever.ranking``): a few extra neighbours are
+fetched per shard so a tie at the cut-off is broken by doc id, and the merge of the shards'
+top-k lists (``ranking.merge``) equals the top-k of one flat index over all documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retriever import embeddings, store
+from retriever.errors import InputError
+from retriever.ranking import Hit, merge, order
+
+FORMAT = "retriever.index/1"
+MANIFEST = "manifest.json"
+TRAINED = "trained.faiss"
+TYPES = ("flat", "ivfpq", "hnsw")
+METRIC = "inner_product"
+TIE_MARGIN = 16
+# FAISS warns below 39 training points per centroid; fewer gives poor centroids.
+MIN_POINTS_PER_CENTROID = 39
+PARAM = {"ivfpq": "nprobe", "hnsw": "efSearch"}
+
+
+def index_name(number: int) -> str:
+    return f"shard-{number:05d}.faiss"
+
+
+def ids_name(number: int) -> str:
+    return f"shard-{number:05d}.ids.parquet"
+
+
+def shard_range(rows: int, number: int, shards: int) -> tuple[int, int]:
+    """The embedding rows ``[start, stop)`` held by shard ``number`` of ``shards``."""
+    return number * rows // shards, (number + 1) * rows // shards
+
+
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def use_gpu(setting: str | bool = "auto") -> bool:
+    """``auto`` (GPU when present), ``yes``/True or ``no``/False."""
+    if isinstance(setting, bool):
+        wanted = setting
+    elif setting in ("auto", "yes", "no"):
+        wanted = gpu_count() > 0 if setting == "auto" else setting == "yes"
+    else:
+        raise ValueError(f"gpu {setting!r}: expected auto, yes or no")
+    if wanted and gpu_count() == 0:
+        raise InputError("gpu=yes but FAISS sees no GPU (install faiss-gpu and check CUDA)")
+    return wanted
+
+
+# --------------------------------------------------------------------------- the index spec
+
+@dataclass
+class IndexSpec:
+    """What to build; ``None`` fields are derived from the data (see ``resolve``)."""
+
+    type: str = "flat"
+    factory: str | None = None  # an explicit FAISS factory string overrides the fields below
+    nlist: int | None = None  # ivfpq: coarse centroids (default ~4 sqrt(rows), power of two)
+    pq_m: int | None = None  # ivfpq: sub-quantisers (default ~dim / 8, a divisor of dim)
+    pq_nbits: int | None = None  # ivfpq: bits per code (default 8, fewer for small samples)
+    refine: str | None = "SQ8"  # ivfpq: re-rank codes (SQ8 | SQfp16 | Flat), None: no re-rank
+    k_factor: int = 4  # ivfpq with refine: candidates re-ranked = k_factor x k
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    search_value: int | None = None  # nprobe / efSearch; None = smallest reaching the target
+    target_recall: float = 0.95
+    recall_at: int = 10
+
+    def __post_init__(self):
+        if self.type not in TYPES:
+            raise InputError(f"index type {self.type!r}: expected one of {', '.join(TYPES)}")
+        for name in ("nlist", "pq_m", "pq_nbits", "hnsw_m", "ef_construction", "search_value",
+                     "recall_at", "k_factor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be >= 1, got {value}")
+        if not 0 < self.target_recall <= 1:
+            raise InputError(f"target_recall must be in (0, 1], got {self.target_recall}")
+
+    def default_nlist(self, rows: int, train_rows: int) -> int:
+        """~4 sqrt(rows) rounded up to a power of two, at most train_rows / 39."""
+        want = 1 << max(0, math.ceil(math.log2(max(1.0, 4 * math.sqrt(rows)))))
+        cap = max(1, train_rows // MIN_POINTS_PER_CENTROID)
+        return max(1, min(want, 1 << int(math.log2(cap))))
+
+    def factory_string(self, dim: int, rows: int, train_rows: int) -> str:
+        if self.factory:
+            return self.factory
+        if self.type == "flat":
+            return "Flat"
+        if self.type == "hnsw":
+            return f"HNSW{self.hnsw_m},Flat"
+        nlist = self.nlist or self.default_nlist(rows, train_rows)
+        m = self.pq_m or next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+        if dim % m:
+            raise InputError(f"pq_m {m} must divide the embedding dimension {dim}")
+        # 2^nbits centroids per sub-quantiser want >= 39 training points each
+        nbits = self.pq_nbits or max(1, min(8, int(math.log2(max(2, train_rows //
+                                                                 MIN_POINTS_PER_CENTROID)))))
+        refine = f",Refine({self.refine})" if self.refine else ""
+        return f"IVF{nlist},PQ{m}x{nbits}np{refine}"
+
+    def search_params(self, value: int | None) -> dict:
+        """The manifest's ``search_params`` for a chosen nprobe / efSearch."""
+        params = {PARAM[self.type]: int(value)} if self.type in PARAM and value else {}
+        if self.type == "ivfpq" and (self.refine or self.factory and "Refine" in self.factory
+                                     or self.factory and "RFlat" in self.factory):
+            params["k_factor"] = self.k_factor
+        return params
+
+    def search_candidates(self, index: "faiss.Index") -> list[int]:
+        """The search-parameter values tried when choosing one (powers of two)."""
+        if self.type not in PARAM:
+            return []
+        if self.search_value:
+            return [self.search_value]
+        if self.type == "ivfpq":
+            nlist = faiss.extract_index_ivf(index).nlist
+            return sorted({min(1 << i, nlist) for i in range(int(math.log2(nlist)) + 2)})
+        return [16, 32, 64, 128, 256, 512]
+
+
+def new_index(factory: str, dim: int) -> "faiss.Index":
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise InputError(f"FAISS factory string {factory!r} (dim {dim}): {err}") from err
+
+
+def set_search_params(index: "faiss.Index", params: dict) -> None:
+    """Apply ``{"nprobe": n}`` / ``{"efSearch": n}`` / ``{"k_factor": f}`` to an index."""
+    for name, value in params.items():
+        if name == "k_factor":
+            refine = faiss.downcast_index(index)
+            if hasattr(refine, "k_factor"):
+                refine.k_factor = float(value)
+        else:
+            faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+
+
+def to_bytes(index: "faiss.Index") -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes) -> "faiss.Index":
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- reading embeddings
+
+def _read_part(folder: str, part: dict, verify: bool) -> tuple[list[str], np.ndarray]:
+    url = store.join(folder, part["file"])
+    data = store.read_bytes(url)
+    if verify and hashlib.sha256(data).hexdigest() != part["sha256"]:
+        raise InputError(f"{url}: sha256 does not match the embeddings manifest")
+    ids, vectors = embeddings.from_table(pq.read_table(io.BytesIO(data)))
+    if len(ids) != part["rows"]:
+        raise InputError(f"{url}: {len(ids)} rows, the manifest says {part['rows']}")
+    return ids, vectors
+
+
+def iter_rows(folder: str, manifest: dict, start: int, stop: int,
+              verify: bool = True) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, vectors) blocks covering embedding rows ``[start, stop)``; reads only those parts."""
+    offset = 0
+    for part in manifest["parts"]:
+        rows = int(part["rows"])
+        lo, hi = max(start, offset), min(stop, offset + rows)
+        if lo < hi:
+            ids, vectors = _read_part(folder, part, verify)
+            yield ids[lo - offset:hi - offset], vectors[lo - offset:hi - offset]
+        offset += rows
+        if offset >= stop:
+            break
+
+
+def sample_rows(folder: str, manifest: dict, size: int, seed: int,
+                verify: bool = True) -> tuple[list[str], np.ndarray]:
+    """A uniform sample (without replacement) of ``size`` rows, in row order."""
+    total = int(manifest["rows"])
+    size = min(size, total)
+    picked = np.sort(np.random.default_rng(seed).choice(total, size=size, replace=False))
+    ids: list[str] = []
+    blocks: list[np.ndarray] = []
+    offset = 0
+    for part in manifest["parts"]:
+        rows = int(part["rows"])
+        lo, hi = np.searchsorted(picked, [offset, offset + rows])
+        if hi > lo:
+            part_ids, vectors = _read_part(folder, part, verify)
+            local = picked[lo:hi] - offset
+            ids.extend(part_ids[i] for i in local)
+            blocks.append(vectors[local])
+        offset += rows
+    dim = int(manifest["dim"])
+    return ids, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
+
+
+# --------------------------------------------------------------------------- building
+
+def train(factory: str, vectors: np.ndarray, gpu: bool = False) -> bytes:
+    """An empty index with its quantiser / codebooks trained on ``vectors`` (FAISS bytes)."""
+    index = new_index(factory, vectors.shape[1])
+    if not index.is_trained:
+        if gpu:
+            with contextlib.suppress(RuntimeError):  # not an IVF index: train on the CPU
+                ivf = faiss.extract_index_ivf(index)
+                ivf.clustering_index = faiss.index_cpu_to_all_gpus(
+                    faiss.IndexFlatL2(vectors.shape[1]))
+        index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        with contextlib.suppress(RuntimeError):
+            faiss.extract_index_ivf(index).clustering_index = None
+    return to_bytes(index)
+
+
+@dataclass
+class RecallProbe:
+    """Queries for measuring recall while building; ``exclude`` drops each query's own doc."""
+
+    vectors: np.ndarray
+    ids: list[str]
+    exclude_self: bool = True
+
+
+def _drop_self(hits: list[list[Hit]], probe: RecallProbe, k: int) -> list[list[Hit]]:
+    if not probe.exclude_self:
+        return [h[:k] for h in hits]
+    return [[h for h in row if h[0] != qid][:k] for row, qid in zip(hits, probe.ids)]
+
+
+def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, factory: str,
+                out: str, trained: bytes | None = None, probe: RecallProbe | None = None,
+                gpu: bool = False, add_batch: int = 65536) -> dict:
+    """Build shard ``number`` and write it and its id map under ``out``.
+
+    Returns its manifest entry; with a ``probe``, also ``probe_exact`` (exact top-k of this
+    shard for the probe queries) and ``probe_approx`` ({search value: top-k}).
+    """
+    manifest = embeddings.read_manifest(embeddings_url)
+    dim = int(manifest["dim"])
+    start, stop = shard_range(int(manifest["rows"]), number, shards)
+    index = from_bytes(trained) if trained is not None else new_index(factory, dim)
+    if spec.type == "hnsw" and not spec.factory:
+        faiss.downcast_index(index).hnsw.efConstruction = spec.ef_construction
+    k = spec.recall_at + (1 if probe is not None and probe.exclude_self else 0)
+    exact: list[list[Hit]] | None = None
+    ids: list[str] = []
+    for block_ids, vectors in iter_rows(embeddings_url, manifest, start, stop):
+        for lo in range(0, len(block_ids), add_batch):
+            chunk = np.ascontiguousarray(vectors[lo:lo + add_batch])
+            chunk_ids = block_ids[lo:lo + add_batch]
+            index.add(chunk)
+            if probe is not None and spec.type in PARAM:
+                found = flat_search(chunk, chunk_ids, probe.vectors, k, gpu)
+                exact = found if exact is None else [merge(pair, k)
+                                                     for pair in zip(exact, found)]
+            ids.extend(chunk_ids)
+    if index.ntotal != stop - start:
+        raise InputError(f"{embeddings_url}: shard {number} got {index.ntotal} rows, "
+                         f"expected {stop - start}")
+    data = to_bytes(index)
+    store.write_bytes(store.join(out, index_name(number)), data)
+    ids_table = pa.table({"doc_id": pa.array(ids, pa.string())})
+    ids_url = store.join(out, ids_name(number))
+    store.write_parquet(ids_table, ids_url)
+    entry = {"index": index_name(number), "ids": ids_name(number), "rows": len(ids),
+             "start": start, "sha256": hashlib.sha256(data).hexdigest(),
+             "ids_sha256": embeddings.sha256_of(ids_url)}
+    if probe is not None and spec.type in PARAM:
+        shard = Shard(index, ids, spec.type, name=f"shard-{number}")
+        entry["probe_exact"] = _drop_self(exact or [[] for _ in probe.ids], probe,
+                                          spec.recall_at)
+        entry["probe_approx"] = {}
+        for value in spec.search_candidates(index):
+            shard.set_search_params(spec.search_params(value))
+            entry["probe_approx"][value] = _drop_self(shard.search(probe.vectors, k), probe,
+                                                      spec.recall_at)
+    return entry
+
+
+def flat_search(vectors: np.ndarray, ids: Sequence[str], queries: np.ndarray, k: int,
+                gpu: bool = False) -> list[list[Hit]]:
+    """Exact top-k of ``queries`` over ``vectors`` in trec order (with the tie margin)."""
+    from retriever.search import ExactSearcher
+
+    return ExactSearcher(vectors, ids, use_gpu=gpu).search(queries, k)
+
+
+def recall(exact: list[list[Hit]], approx: list[list[Hit]]) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k|."""
+    values = [len({d for d, _ in a} & {d for d, _ in e}) / len(e)
+              for e, a in zip(exact, approx) if e]
+    return float(np.mean(values)) if values else 1.0
+
+
+def merge_probe(entries: list[dict], spec: IndexSpec) -> dict:
+    """Merged recall per search value, and the chosen value (smallest reaching the target)."""
+    k = spec.recall_at
+    exact = [merge(rows, k) for rows in zip(*(e.pop("probe_exact") for e in entries))]
+    approx_by_value = [e.pop("probe_approx") for e in entries]
+    values = sorted({int(v) for a in approx_by_value for v in a})
+    per_value = {}
+    for value in values:
+        merged = [merge(rows, k) for rows in zip(*(a[value] for a in approx_by_value))]
+        per_value[value] = recall(exact, merged)
+    reaching = [v for v in values if per_value[v] >= spec.target_recall]
+    chosen = reaching[0] if reaching else values[-1]
+    return {"at": k, "value": per_value[chosen], "chosen": chosen, "target": spec.target_recall,
+            "queries": len(exact), "param": PARAM[spec.type],
+            "per_value": {str(v): per_value[v] for v in values}}
+
+
+def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
+          train_sample: int = 100_000, recall_queries: int = 1000, seed: int = 0,
+          gpu: str | bool = "auto", queries: str | None = None,
+          run_all: Callable[..., list[dict]] | None = None) -> dict:
+    """Build ``shards`` shards of ``embeddings_url`` under ``out``; returns the manifest.
+
+    ``run_all(fn, n, shared)`` runs ``fn(number, **shared)`` for numbers 0..n-1 and returns
+    the results in order (default: sequentially in this process; ``jobs/index.py`` passes one
+    that runs Ray tasks and ships ``shared``, the trained index bytes and recall queries, once
+    through the object store).
+    Recall is measured with ``recall_queries`` vectors sampled from ``queries`` (an embedding
+    folder of query vectors) or, without it, from the documents themselves (own doc excluded).
+    """
+    source = embeddings.read_manifest(embeddings_url)
+    rows, dim = int(source["rows"]), int(source["dim"])
+    if shards < 1:
+        raise InputError(f"shards must be >= 1, got {shards}")
+    if rows < shards:
+        raise InputError(f"{embeddings_url}: {rows} rows cannot fill {shards} shards")
+    if store.exists(store.join(out, MANIFEST)):
+        raise InputError(f"{out}: already holds an index (manifest.json); choose another --out")
+    on_gpu = use_gpu(gpu)
+    train_rows = min(train_sample, rows)
+    factory = spec.factory_string(dim, rows, train_rows)
+    probe_index = new_index(factory, dim)
+    trained = None
+    train_info: dict = {}
+    if not probe_index.is_trained:
+        if spec.type == "ivfpq" and not spec.factory:
+            nlist = faiss.extract_index_ivf(probe_index).nlist
+            if nlist * MIN_POINTS_PER_CENTROID > train_rows:
+                raise InputError(f"nlist {nlist} needs >= {nlist * MIN_POINTS_PER_CENTROID} "
+                                 f"training vectors, {train_rows} available; lower --nlist")
+        _, sample = sample_rows(embeddings_url, source, train_rows, seed)
+        trained = train(factory, sample, on_gpu)
+        store.write_bytes(store.join(out, TRAINED), trained)
+        train_info = {"sample": len(sample), "seed": seed, "file": TRAINED,
+                      "sha256": hashlib.sha256(trained).hexdigest()}
+        probe_index = from_bytes(trained)
+    probe = None
+    if spec.type in PARAM and recall_queries > 0:
+        if queries:
+            query_manifest = embeddings.read_manifest(queries)
+            if int(query_manifest["dim"]) != dim:
+                raise InputError(f"{queries}: query vectors have {query_manifest['dim']} dims, "
+                                 f"the embeddings {dim}")
+            probe_ids, probe_vectors = sample_rows(queries, query_manifest, recall_queries,
+                                                   seed + 1)
+            probe = RecallProbe(probe_vectors, probe_ids, exclude_self=False)
+        else:
+            probe_ids, probe_vectors = sample_rows(embeddings_url, source, recall_queries,
+                                                   seed + 1)
+            probe = RecallProbe(probe_vectors, probe_ids, exclude_self=True)
+
+    shared = {"embeddings_url": embeddings_url, "shards": shards, "spec": spec,
+              "factory": factory, "out": out, "trained": trained, "probe": probe,
+              "gpu": on_gpu}
+    entries = (run_all(build_shard, shards, shared) if run_all else
+               [build_shard(number=n, **shared) for n in range(shards)])
+    recall_info = merge_probe(entries, spec) if probe is not None else None
+    if recall_info is not None:
+        recall_info["queries_from"] = queries or "sampled documents (own doc excluded)"
+    search_value = (spec.search_value or (recall_info or {}).get("chosen")
+                    or (spec.search_candidates(probe_index) or [None])[-1])
+    manifest = {
+        "format": FORMAT, "type": spec.type, "factory": factory, "metric": METRIC, "dim": dim,
+        "rows": rows, "shards": entries,
+        "search_params": spec.search_params(search_value),
+        "recall": recall_info, "train": train_info, "gpu": on_gpu, "spec": asdict(spec),
+        "source": {"embeddings": embeddings_url,
+                   "manifest_sha256": embeddings.sha256_of(
+                       store.join(embeddings_url, embeddings.MANIFEST)),
+                   "encoder": source.get("encoder", {}), "dtype": source.get("dtype"),
+                   "rows": rows},
+        "code_version": embeddings.code_version(), "created": embeddings.now(),
+    }
+    store.write_json(store.join(out, MANIFEST), manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- loading, searching
+
+def read_manifest(folder: str) -> dict:
+    url = store.join(folder, MANIFEST)
+    if not store.exists(url):
+        raise InputError(f"{folder}: no {MANIFEST} (the index is missing or incomplete)")
+    manifest = store.read_json(url)
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{url}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _read_index(url: str) -> "faiss.Index":
+    """FAISS reads local files itself; a remote shard is downloaded to a temporary file."""
+    if store.is_local(url):
+        return faiss.read_index(url[len("file://"):] if url.startswith("file://") else url)
+    fs, path = store.filesystem(url)
+    with tempfile.TemporaryDirectory(prefix="retriever-shard-") as tmp:
+        local = os.path.join(tmp, "shard.faiss")
+        fs.get(path, local)
+        return faiss.read_index(local)
+
+
+class Shard:
+    """One FAISS shard and its id map; ``search`` answers in trec_eval order."""
+
+    def __init__(self, index: "faiss.Index", ids: Sequence[str], index_type: str = "flat",
+                 name: str = "shard", search_params: dict | None = None):
+        if index.ntotal != len(ids):
+            raise InputError(f"{name}: index holds {index.ntotal} vectors, id map {len(ids)}")
+        self.index, self.ids, self.type, self.name = index, list(ids), index_type, name
+        self.dim = index.d
+        self.search_params: dict = {}
+        self.set_search_params(search_params or {})
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_search_params(self, params: dict) -> None:
+        set_search_params(self.index, params)
+        self.search_params = {**self.search_params, **params}
+
+    @classmethod
+    def load(cls, folder: str, number: int, manifest: dict | None = None,
+             gpu: str | bool = "auto", verify: bool = False) -> "Shard":
+        manifest = manifest or read_manifest(folder)
+        if not 0 <= number < len(manifest["shards"]):
+            raise InputError(f"{folder}: no shard {number} (the index has "
+                             f"{len(manifest['shards'])})")
+        entry = manifest["shards"][number]
+        index_url = store.join(folder, entry["index"])
+        if verify and embeddings.sha256_of(index_url) != entry["sha256"]:
+            raise InputError(f"{index_url}: sha256 does not match the index manifest")
+        index = _read_index(index_url)
+        ids = store.read_parquet(store.join(folder, entry["ids"])).column("doc_id").to_pylist()
+        if manifest["type"] == "flat" and use_gpu(gpu):
+            from retriever.search import to_gpu_if_available
+
+            index = to_gpu_if_available(index)
+        return cls(index, ids, manifest["type"], f"shard-{number}",
+                   manifest.get("search_params", {}))
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries of shape {queries.shape}: expected [n, {self.dim}]")
+        fetch = min(len(self.ids), k + TIE_MARGIN)
+        if fetch == 0 or k < 1:
+            return [[] for _ in range(queries.shape[0])]
+        scores, rows = self.index.search(queries, fetch)
+        ids = self.ids
+        return [order(((ids[r], float(s)) for r, s in zip(row, score) if r >= 0), k)
+                for row, score in zip(rows, scores)]
+
+
+def load_all(folder: str, gpu: str | bool = "auto") -> list[Shard]:
+    manifest = read_manifest(folder)
+    return [Shard.load(folder, n, manifest, gpu) for n in range(len(manifest["shards"]))]
+
+
+def search_all(shards: Sequence[Shard], queries: np.ndarray, k: int) -> list[list[Hit]]:
+    """Every shard's top-k merged into the global top-k (what the serve router does)."""
+    per_shard = [shard.search(queries, k) for shard in shards]
+    return [merge(rows, k) for rows in zip(*per_shard)]

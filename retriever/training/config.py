@@ -1,0 +1,145 @@
+"""The training configuration: one typed dataclass, shared by the job (flags / YAML) and the
+workers (it travels to them as a plain dict).
+
+Sizes: every worker takes ``per_device_batch_size`` queries per micro-step, each with a group of
+``group_size`` passages (its positive, then ``group_size - 1`` hard negatives); one optimizer
+step consumes ``per_device_batch_size x num_workers x gradient_accumulation_steps`` queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+STRATEGIES = ("zero3", "zero2", "ddp")
+SCHEDULES = ("linear", "cosine", "constant")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class TrainConfig:
+    """Contrastive LoRA fine-tuning of a retriever on Ray Train (DeepSpeed ZeRO-3 by default)."""
+
+    train_data: str = field(metadata={
+        "help": "training examples: a JSONL/parquet file or a `retriever mine` output folder"})
+    model: str = field(default="minilm", metadata={
+        "help": "packaged model name, HF model directory or LoRA adapter directory"})
+    out: str | None = field(default=None, metadata={
+        "help": "run folder URL (default <store>/runs/<run-id>/train); checkpoints, adapter, "
+                "merged model and metrics go here; an existing run is resumed"})
+    run_id: str | None = field(default=None, metadata={
+        "help": "run name (default: model + data + a hash of the settings)"})
+    # ---------------------------------------------------------------- cluster
+    strategy: str = field(default="zero3", metadata={
+        "help": "zero3 | zero2 (DeepSpeed) | ddp (torch DistributedDataParallel)",
+        "choices": list(STRATEGIES)})
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers"})
+    use_gpu: bool | None = field(default=None, metadata={
+        "help": "one GPU per worker; default: when the cluster has enough GPUs"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
+    placement_strategy: str = field(default="PACK", metadata={
+        "help": "placement group strategy for the workers", "choices": list(PLACEMENTS)})
+    max_failures: int = field(default=2, metadata={
+        "help": "worker-group restarts (from the last checkpoint) before giving up"})
+    # ---------------------------------------------------------------- optimisation
+    epochs: float = field(default=1.0, metadata={"help": "passes over the examples"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps (overrides epochs)"})
+    per_device_batch_size: int = field(default=8, metadata={
+        "help": "queries per worker per micro-step"})
+    group_size: int = field(default=8, metadata={
+        "help": "passages per query: 1 positive + group_size-1 hard negatives"})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps warming up"})
+    schedule: str = field(default="linear", metadata={"help": "lr decay after warmup",
+                                                      "choices": list(SCHEDULES)})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "0 disables clipping"})
+    temperature: float = field(default=0.01, metadata={"help": "InfoNCE temperature"})
+    gather_negatives: bool = field(default=True, metadata={
+        "help": "score every worker's passages as negatives (all_gather with gradients)"})
+    per_positive: bool = field(default=False, metadata={
+        "help": "one training item per (query, positive) pair instead of per query"})
+    gradient_checkpointing: bool = True
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"})
+    seed: int = 0
+    # ---------------------------------------------------------------- LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "default: all projections (decoders), query/key/value/dense (BERT-style)"})
+    # ---------------------------------------------------------------- how text is embedded
+    pooling: str | None = field(default=None, metadata={"help": "mean | cls | last"})
+    query_prefix: str | None = None
+    passage_prefix: str | None = None
+    query_max_length: int | None = None
+    passage_max_length: int | None = None
+    # ---------------------------------------------------------------- checkpoints and export
+    checkpoint_every: int = field(default=100, metadata={
+        "help": "steps between checkpoints (one is always written at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in the store"})
+    zero3_persistence_threshold: int | None = field(default=None, metadata={
+        "help": "ZeRO-3 leaves parameters smaller than this unpartitioned "
+                "(default 10 x hidden size)"})
+    export: bool = field(default=True, metadata={"help": "write adapter/ and merged/ at the end"})
+    merge: bool = field(default=True, metadata={"help": "also export the merged model"})
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.placement_strategy not in PLACEMENTS:
+            raise ValueError(f"placement_strategy {self.placement_strategy!r}: expected one of "
+                             f"{', '.join(PLACEMENTS)}")
+        positive = ("num_workers", "per_device_batch_size", "gradient_accumulation_steps",
+                    "lora_r", "checkpoint_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 (the positive), got {self.group_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
+            raise ValueError(f"dtype {self.dtype!r}: expected auto, float32 or bfloat16")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # Settings a run may change when it is resumed: where it is written, how often it
+    # checkpoints, how many times it may fail, where it runs, and its length (a finished run
+    # can be extended with more steps or epochs).
+    RESUMABLE_CHANGES = ("out", "run_id", "max_failures", "checkpoint_every", "keep_checkpoints",
+                         "export", "merge", "placement_strategy", "cpus_per_worker", "use_gpu",
+                         "epochs", "max_steps")
+
+    def essential(self) -> dict:
+        """The settings that must stay the same for a run to be resumed."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`essential`."""
+        return hashlib.sha256(json.dumps(self.essential(), sort_keys=True).encode()
+                              ).hexdigest()[:8]
+
+    def differences(self, saved: dict) -> dict:
+        """Essential settings that differ from a checkpoint's saved config: name -> (then, now)."""
+        now = self.essential()
+        return {k: (saved.get(k), v) for k, v in now.items()
+                if k in saved and saved.get(k) != v}

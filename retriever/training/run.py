@@ -1,0 +1,176 @@
+"""Driver side of training: build the Ray Train ``TorchTrainer`` and run it.
+
+Ray Train keeps the run in ``<out>/checkpoints`` (its checkpoints plus the snapshot that lets
+a new ``fit`` with the same folder resume from the latest one), with ``FailureConfig`` so a lost
+worker restarts the worker group from the last checkpoint. GPUs are used when the cluster has
+one per worker (nccl); otherwise the workers run on CPU (gloo).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from retriever import store
+from retriever.errors import InputError
+from retriever.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "checkpoints"
+# Store access settings the workers need as the driver has them (they read the examples and
+# write the exports through the same fsspec URLs); only those set in the driver are passed.
+STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+             "RETRIEVER_STORE", "RETRIEVER_CACHE")
+
+
+@dataclass
+class TrainResult:
+    out: str
+    manifest: dict | None
+    metrics: dict
+    checkpoint: str | None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).rstrip("/").rsplit("/", 1)[-1]) or "x"
+
+
+def run_id(config: TrainConfig) -> str:
+    return config.run_id or (f"{slug(config.model)}-{slug(config.train_data)}-"
+                             f"{config.strategy}-{config.fingerprint()}")
+
+
+def output_url(config: TrainConfig) -> str:
+    return config.out or store.join(store.default_root(), "runs", run_id(config), "train")
+
+
+def resolve_train_data(url: str) -> str:
+    """A training-examples file, or a ``retriever mine`` folder (its ``manifest.json`` names
+    the file). The examples are read once here so bad input fails before any worker starts."""
+    from retriever.data import DataFormatError, load_training_examples
+
+    target = url
+    if not url.endswith((".jsonl", ".jsonl.gz", ".parquet", ".json")):
+        manifest = store.join(url, "manifest.json")
+        if not store.exists(manifest):
+            raise DataFormatError(url, "neither a training-examples file (.jsonl/.parquet) nor "
+                                       "a `retriever mine` output folder with manifest.json")
+        name = store.read_json(manifest).get("examples")
+        if not name:
+            raise DataFormatError(manifest, "names no 'examples' file")
+        target = name if store.has_scheme(name) or name.startswith("/") else store.join(url, name)
+    if not store.exists(target):
+        raise DataFormatError(target, "file not found")
+    examples = load_training_examples(target)
+    if not examples:
+        raise InputError(f"{target}: no training examples")
+    return target if store.has_scheme(target) else os.path.abspath(target)
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for ``RunConfig`` from a store URL."""
+    if store.is_local(url):
+        path = os.path.abspath(url.removeprefix("file://"))
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    import pyarrow.fs
+
+    fs, path = store.filesystem(url)
+    if url.startswith(("s3://", "s3a://")):
+        # Ray Train's controller and workers get this filesystem pickled; an s3fs built from
+        # the environment would look for credentials in theirs, so carry the driver's along.
+        import s3fs
+
+        options = {k: v for k, v in {
+            "key": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "secret": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "token": os.environ.get("AWS_SESSION_TOKEN"),
+            "endpoint_url": (os.environ.get("AWS_ENDPOINT_URL_S3")
+                             or os.environ.get("AWS_ENDPOINT_URL"))}.items() if v}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            options["client_kwargs"] = {"region_name": region}
+        if options:
+            fs = s3fs.S3FileSystem(**options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def cluster_has_gpus(count: int) -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= count
+
+
+def build_trainer(config: TrainConfig, out: str, train_data: str):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from retriever.training.loop import train_loop_per_worker
+
+    # Ray Train's controller collects each worker's report every health-check interval (2 s by
+    # default) and a worker blocks until its previous report is taken: with a report per step,
+    # that interval would cap the step rate. Propagated to the controller by Ray Train.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu = config.use_gpu if config.use_gpu is not None else cluster_has_gpus(
+        config.num_workers)
+    storage_path, storage_fs = ray_storage(out)
+    payload = {"config": config.to_dict(), "out": out, "train_data": train_data}
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
+           **{k: os.environ[k] for k in STORE_ENV if os.environ.get(k)}}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})},
+                                     placement_strategy=config.placement_strategy),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            worker_runtime_env={"env_vars": env}),
+    )
+
+
+def check_resumable(config: TrainConfig, out: str) -> None:
+    """An existing run folder must have been trained with the same settings."""
+    from retriever.training.checkpoint import STATE_FILE
+
+    folder = store.join(out, RAY_RUN_NAME)
+    for name in reversed(store.listdir(folder)):
+        state_url = store.join(folder, name, STATE_FILE)
+        if name.startswith("checkpoint_") and store.exists(state_url):
+            changed = config.differences(store.read_json(state_url).get("config", {}))
+            if changed:
+                described = ", ".join(f"{k}: {then!r} -> {now!r}"
+                                      for k, (then, now) in sorted(changed.items()))
+                raise InputError(f"{out} holds a run with other training settings ({described});"
+                                 " use a new --out or --run-id, or the same settings to resume it")
+            return
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) training; returns the run folder, its manifest and the last metrics."""
+    out = output_url(config)
+    train_data = resolve_train_data(config.train_data)
+    check_resumable(config, out)
+    trainer = build_trainer(config, out, train_data)
+    result = trainer.fit()
+    manifest_url = store.join(out, "manifest.json")
+    manifest = store.read_json(manifest_url) if config.export and store.exists(manifest_url) \
+        else None
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    error = str(result.error) if getattr(result, "error", None) else None
+    return TrainResult(out=out, manifest=manifest, metrics=dict(result.metrics or {}),
+                       checkpoint=checkpoint, error=error)

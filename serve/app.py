@@ -1,0 +1,157 @@
+"""The Serve application builder: ``serve.app:build_app`` (``serve run`` / ``serve deploy`` /
+RayService ``import_path``).
+
+``build_app(args)`` reads the index manifest, takes the query encoder's settings from the
+embeddings the index was built from (``source.encoder``; ``model`` overrides the model), and
+binds QueryEncoder, one ShardSearcher per shard (``ShardSearcher-0`` ..) and the Router
+ingress. ``args`` (see :class:`AppArgs`): ``index`` (required), ``model``, ``docs``,
+``timeout_s``, ``max_top_k``, ``max_query_chars``, ``encoder_batch_size``,
+``encoder_batch_wait_s``, ``gpu``, ``access_log``, ``low_latency`` and ``deployments``: Serve-style per-deployment options
+(``name``, ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
+``max_ongoing_requests``, ...) applied in code; the name ``ShardSearcher`` applies to every
+shard, ``ShardSearcher-<n>`` to one. Options in a Serve config's own ``deployments:`` list
+override these in the usual Serve way (there, shards must be named one by one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from retriever import shards as sh
+from retriever.errors import InputError
+
+ENCODER_KEYS = ("pooling", "query_prefix", "passage_prefix", "query_max_length",
+                "passage_max_length", "normalize", "prompt")
+# Ray Serve's own latency switches (what RAY_SERVE_THROUGHPUT_OPTIMIZED turns on, minus gRPC
+# and direct ingress, whose servers listen on every interface): user code and the handle
+# router on the replica's main event loop instead of hops to other threads / loops, and no
+# per-request log copies to stderr. Measured on the 2-core machine: ~30% less CPU per
+# request in Router and ShardSearcher (benchmarks/search_latency.py).
+LOW_LATENCY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                   "RAY_SERVE_LOG_TO_STDERR": "0"}
+DEPLOYMENT_OPTIONS = {"num_replicas", "autoscaling_config", "ray_actor_options",
+                      "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
+                      "health_check_timeout_s", "graceful_shutdown_timeout_s",
+                      "graceful_shutdown_wait_loop_s", "user_config", "logging_config"}
+
+
+@dataclass
+class AppArgs:
+    """Arguments of ``build_app``."""
+
+    index: str
+    model: str | None = None  # default: the model the index's embeddings were made with
+    docs: str | None = None  # dataset folder / corpus file for title + text in hits
+    timeout_s: float = 2.0  # per shard
+    max_top_k: int = 1000
+    max_query_chars: int = 2048
+    encoder_batch_size: int = 32
+    encoder_batch_wait_s: float = 0.005
+    gpu: str = "auto"  # FAISS on GPU for flat shards: auto | yes | no
+    access_log: bool = False  # a log line per request in every replica (costs latency)
+    low_latency: bool = True  # LOW_LATENCY_ENV in every replica's runtime_env
+    deployments: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> "AppArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise InputError(f"serve app: unknown argument(s) {', '.join(unknown)}; expected "
+                             f"{', '.join(sorted(names))}")
+        if not args.get("index"):
+            raise InputError("serve app: the 'index' argument (index folder URL) is required")
+        values = dict(args)
+        for name, kind in (("timeout_s", float), ("max_top_k", int), ("max_query_chars", int),
+                           ("encoder_batch_size", int), ("encoder_batch_wait_s", float)):
+            if name in values:  # `serve run ... key=value` passes strings
+                try:
+                    values[name] = kind(values[name])
+                except (TypeError, ValueError):
+                    raise InputError(f"serve app: {name}={values[name]!r} is not "
+                                     f"{kind.__name__}") from None
+        return cls(**values)
+
+
+def encoder_config(manifest: dict, model: str | None = None) -> dict:
+    """EncoderConfig fields for queries, from the embeddings' recorded encoder settings."""
+    settings = (manifest.get("source") or {}).get("encoder") or {}
+    chosen = model or settings.get("model")
+    if not chosen:
+        raise InputError("serve app: the index's embeddings name no encoder model; pass "
+                         "model=NAME_OR_PATH")
+    config = {key: settings[key] for key in ENCODER_KEYS if settings.get(key) is not None}
+    config["model"] = chosen
+    return config
+
+
+def index_info(manifest: dict, model: str) -> dict:
+    return {"model": model, "shards": len(manifest["shards"]), "rows": manifest["rows"],
+            "rows_per_shard": [s["rows"] for s in manifest["shards"]],
+            "dims": manifest["dim"], "index_type": manifest["type"],
+            "factory": manifest["factory"], "metric": manifest["metric"],
+            "search_params": manifest.get("search_params", {}),
+            "recall": manifest.get("recall")}
+
+
+def _options(deployments: list[dict], shard_count: int) -> dict[str, dict]:
+    known = {"QueryEncoder", "Router", "ShardSearcher",
+             *(f"ShardSearcher-{n}" for n in range(shard_count))}
+    by_name: dict[str, dict] = {}
+    for entry in deployments:
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if name not in known:
+            raise InputError(f"serve app: deployment options for {name!r}: the app has "
+                             f"QueryEncoder, Router and ShardSearcher-0..{shard_count - 1} "
+                             "('ShardSearcher' = every shard)")
+        bad = sorted(set(entry) - DEPLOYMENT_OPTIONS)
+        if bad:
+            raise InputError(f"serve app: deployment {name}: unknown option(s) "
+                             f"{', '.join(bad)}")
+        by_name.setdefault(name, {}).update(entry)
+    return by_name
+
+
+def _with_defaults(deployment, options: dict, env: dict) -> dict:
+    """``options`` for ``deployment.options``: ``ray_actor_options`` merged over the
+    decorator's (Serve would replace them whole) and ``env`` added to its runtime_env."""
+    out = dict(options)
+    actor = {**(deployment.ray_actor_options or {}), **options.get("ray_actor_options", {})}
+    if env:
+        runtime_env = dict(actor.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+        actor["runtime_env"] = runtime_env
+    out["ray_actor_options"] = actor
+    return out
+
+
+def build_app(args: dict[str, Any]):
+    from serve.deployments import QueryEncoder, Router, ShardSearcher
+
+    app_args = AppArgs.from_dict(dict(args))
+    manifest = sh.read_manifest(app_args.index)
+    encoder = encoder_config(manifest, app_args.model)
+    count = len(manifest["shards"])
+    options = _options(app_args.deployments, count)
+    logs = {"logging_config": {"enable_access_log": bool(app_args.access_log)}}
+    env = LOW_LATENCY_ENV if app_args.low_latency else {}
+    shard_apps = []
+    for number in range(count):
+        opts = {**logs, **options.get("ShardSearcher", {}),
+                **options.get(f"ShardSearcher-{number}", {})}
+        shard_apps.append(ShardSearcher.options(name=f"ShardSearcher-{number}",
+                                                **_with_defaults(ShardSearcher, opts, env))
+                          .bind(app_args.index, number, app_args.gpu))
+    opts = {**logs, **options.get("QueryEncoder", {})}
+    encoder_app = QueryEncoder.options(**_with_defaults(QueryEncoder, opts, env)).bind(
+        encoder, app_args.encoder_batch_size, app_args.encoder_batch_wait_s)
+    api_settings = {"timeout_s": app_args.timeout_s, "max_top_k": app_args.max_top_k,
+                    "max_query_chars": app_args.max_query_chars}
+    opts = {**logs, **options.get("Router", {})}
+    return Router.options(**_with_defaults(Router, opts, env)).bind(
+        encoder_app, shard_apps, index_info(manifest, encoder["model"]), api_settings,
+        app_args.docs)

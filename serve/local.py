@@ -1,0 +1,53 @@
+"""The search API without Ray: the same FastAPI app over shards and an encoder in this process.
+
+``LocalBackend`` implements ``serve.api.Backend`` with loaded ``retriever.shards.Shard``
+objects and an ``Encoder``; ``make_api(LocalBackend(...))`` is the app. Used for development
+(``uvicorn``), the browser test and as the in-process peer in ``benchmarks/search_latency.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from retriever import shards as sh
+from retriever.ranking import Hit
+
+
+class LocalBackend:
+    def __init__(self, index: str, model: str | None = None, docs: str | None = None,
+                 gpu: str = "auto", encoder=None):
+        from serve.app import encoder_config, index_info
+        from serve.deployments import load_docs
+
+        self.manifest = sh.read_manifest(index)
+        self.shards = [sh.Shard.load(index, n, self.manifest, gpu)
+                       for n in range(len(self.manifest["shards"]))]
+        self.shard_names = [s.name for s in self.shards]
+        self.dim = int(self.manifest["dim"])
+        self.encoder_config = encoder_config(self.manifest, model)
+        self._encoder = encoder
+        self.docs = load_docs(docs) if docs else {}
+        self._info = dict(index_info(self.manifest, self.encoder_config["model"]),
+                          docs=bool(docs))
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from retriever.encoder import Encoder, EncoderConfig
+
+            self._encoder = Encoder(EncoderConfig(**self.encoder_config))
+        return self._encoder
+
+    async def encode(self, text: str) -> np.ndarray:
+        return (await asyncio.to_thread(self.encoder.encode_queries, [text]))[0]
+
+    async def search_shard(self, number: int, vector: np.ndarray, k: int) -> list[Hit]:
+        return self.shards[number].search(vector.reshape(1, -1), k)[0]
+
+    def info(self) -> dict:
+        return self._info
+
+    def doc(self, doc_id: str) -> tuple[str, str] | None:
+        return self.docs.get(doc_id)

@@ -1,0 +1,126 @@
+"""The search page in a real browser: headless Chromium (Debian's ``chromium``, driven by
+Playwright through ``executable_path``; never a Playwright-downloaded browser) opens ``/``,
+types a query, submits, and sees the ranked results the API gives.
+
+The page is served by the same FastAPI app the Serve Router runs (``serve/api.py``), here
+over real SciFact shards and MiniLM in this process, by uvicorn on 127.0.0.1, with the bearer
+token on (the browser context sends it, as an authenticating gateway would).
+``scripts/install-browser.sh`` installs the browser and driver. Under CI (``CI=true``) a
+missing browser FAILS this test; elsewhere it is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from serve.api import TOKEN_ENV
+from tests.helpers import dataset
+from tests.index_fixtures import cache_dir, scifact_minilm
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]
+TOKEN = "browser-test-token"
+QUERY = "stem cells in cancer"
+
+
+def require_browser() -> None:
+    problems = []
+    if not os.access(CHROMIUM, os.X_OK):
+        problems.append(f"{CHROMIUM} is missing (Debian package chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problems.append("the playwright Python package is missing")
+    if problems:
+        message = "; ".join(problems) + ": run scripts/install-browser.sh"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(pytestconfig, tmp_path_factory):
+    require_browser()
+    import uvicorn
+
+    from retriever import shards as sh
+    from serve.api import make_api
+    from serve.local import LocalBackend
+
+    cache = cache_dir(pytestconfig, tmp_path_factory)
+    encoded = scifact_minilm(cache)
+    index = str(tmp_path_factory.mktemp("browser") / "flat-2")
+    sh.build(encoded.folder, index, 2, sh.IndexSpec("flat"))
+    backend = LocalBackend(index, docs=dataset("scifact"), gpu="no")
+    saved = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = TOKEN
+    try:
+        api = make_api(backend)
+    finally:
+        if saved is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = saved
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", backend
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_page_types_a_query_and_shows_ranked_results(server):
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    url, backend = server
+    assert httpx.get(url + "/").status_code == 401  # the page, too, wants the token
+    vector = backend.encoder.encode_queries([QUERY])
+    from retriever.shards import search_all
+
+    expected = [doc_id for doc_id, _ in search_all(backend.shards, vector, 5)[0]]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(extra_http_headers={"Authorization": f"Bearer {TOKEN}"})
+            page = context.new_page()
+            page.goto(url + "/")
+            page.wait_for_function(
+                "document.getElementById('about').textContent.includes('5183 documents')")
+            page.fill("#query", QUERY)
+            page.fill("#top_k", "5")
+            page.click("#go")
+            page.wait_for_selector("#results li.hit", timeout=60_000)
+            page.wait_for_function("document.getElementById('status').textContent"
+                                   ".includes('5 results')", timeout=60_000)
+            shown = page.eval_on_selector_all("#results li.hit", "els => els.map(e => ("
+                                              "{id: e.dataset.docId, title: e.querySelector("
+                                              "'.title')?.textContent}))")
+            status = page.text_content("#status")
+        finally:
+            browser.close()
+    assert [s["id"] for s in shown] == expected  # ranked as the API ranks them
+    assert all(s["title"] == backend.doc(s["id"])[0] for s in shown)
+    assert "partial" not in status

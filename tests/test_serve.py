@@ -1,0 +1,454 @@
+"""The search service: Ray Serve app (QueryEncoder -> Router -> ShardSearcher x 4) over HTTP.
+
+One Serve app (4 flat shards of MiniLM/SciFact, built by the index job as Ray tasks, doc store
+on, bearer token on) is shared by the module. Requests go over real HTTP on 127.0.0.1.
+The API's own logic (timeouts, no-token mode) is also checked in-process over real shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from retriever import shards as sh
+from retriever.metrics import evaluate
+from retriever.ranking import merge
+from retriever.search import ExactSearcher
+from serve.api import TOKEN_ENV, Coalescer, fan_out, make_api
+from tests.helpers import REPO, dataset
+from tests.index_fixtures import cache_dir, scifact_minilm
+
+TOKEN = "s3cret-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SHARD_TIMEOUT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def scifact(pytestconfig, tmp_path_factory):
+    cache = cache_dir(pytestconfig, tmp_path_factory)
+    return scifact_minilm(cache)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class App:
+    url: str
+    index: str
+    client: httpx.Client
+    shards: list  # the same shards, loaded in this process
+
+
+@pytest.fixture(scope="module")
+def app(scifact, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from jobs.index import IndexConfig
+    from jobs.index import run as build_index
+    from jobs.serve import ServeConfig, start
+
+    from serve.app import LOW_LATENCY_ENV
+
+    names = [TOKEN_ENV, *LOW_LATENCY_ENV]
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ[TOKEN_ENV] = TOKEN  # replicas inherit the environment of the local cluster
+    os.environ.update(LOW_LATENCY_ENV)  # as `retriever serve` does for a local cluster
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        index = str(tmp_path_factory.mktemp("serve") / "flat-4")
+        build_index(IndexConfig(embeddings=scifact.folder, shards=4, out=index, workers=2,
+                                cpus_per_worker=0.5))
+        url = start(ServeConfig(index=index, port=free_port(), docs=dataset("scifact"),
+                                timeout_s=SHARD_TIMEOUT_S))
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60.0,
+                          limits=httpx.Limits(max_connections=32)) as client:
+            yield App(url, index, client, sh.load_all(index, gpu="no"))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _search(client: httpx.Client, **body) -> dict:
+    response = client.post("/search", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _pairs(answer: dict) -> list[tuple[str, float]]:
+    return [(h["doc_id"], h["score"]) for h in answer["hits"]]
+
+
+def one_by_one(shards, vectors, k):
+    """Merged hits per query, each query searched alone as the service does (FAISS scores a
+    single query with SIMD loops and a batch with BLAS: the last bits can differ)."""
+    return [sh.search_all(shards, vectors[i:i + 1], k)[0] for i in range(len(vectors))]
+
+
+# --------------------------------------------------------------------------- the deployed app
+
+@pytest.mark.slow
+def test_shards_built_as_ray_tasks_equal_an_in_process_build(app, scifact, tmp_path):
+    local = str(tmp_path / "local")
+    sh.build(scifact.folder, local, 4, sh.IndexSpec("flat"))
+    remote, here = sh.read_manifest(app.index), sh.read_manifest(local)
+    assert [s["sha256"] for s in remote["shards"]] == [s["sha256"] for s in here["shards"]]
+    assert [s["ids_sha256"] for s in remote["shards"]] == [s["ids_sha256"] for s in here["shards"]]
+
+
+@pytest.mark.slow
+def test_healthz_info_page_and_auth(app):
+    bare = httpx.Client(base_url=app.url, timeout=30.0)
+    assert bare.get("/healthz").status_code == 200  # no token needed
+    for method, path in [("GET", "/info"), ("GET", "/"), ("POST", "/search")]:
+        response = bare.request(method, path, json={"query": "x"})
+        assert response.status_code == 401, path
+        assert "Authorization: Bearer" in response.json()["detail"]
+        wrong = bare.request(method, path, json={"query": "x"},
+                             headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "wrong token" in wrong.json()["detail"]
+    info = app.client.get("/info").json()
+    assert info["model"] == "minilm" and info["shards"] == 4 and info["rows"] == 5183
+    assert info["dims"] == 384 and info["index_type"] == "flat" and info["docs"] is True
+    assert info["rows_per_shard"] == [1295, 1296, 1296, 1296]
+    page = app.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="search-form"' in page.text and "fetch(\"search\"" in page.text
+
+
+BAD_REQUESTS = [
+    (b"not json", 400, "the body is not valid JSON"),
+    (b"[1, 2]", 400, "the body must be a JSON object"),
+    (b"{}", 422, "give exactly one of 'query' (text) or 'vector' (numbers)"),
+    (b'{"query": ""}', 422, "query is empty"),
+    (b'{"query": "   "}', 422, "query is empty"),
+    (json.dumps({"query": "x" * 3000}).encode(), 413, "query is 3000 characters; the limit "
+                                                      "is 2048"),
+    (b'{"query": 5}', 422, "query must be a string, got a number"),
+    (b'{"query": ["a"]}', 422, "query must be a string, got an array"),
+    (b'{"query": "x", "top_k": 0}', 422, "top_k must be between 1 and 1000, got 0"),
+    (b'{"query": "x", "top_k": 1001}', 422, "top_k must be between 1 and 1000, got 1001"),
+    (b'{"query": "x", "top_k": "10"}', 422, "top_k must be an integer, got a string"),
+    (b'{"query": "x", "top_k": 2.5}', 422, "top_k must be an integer, got a number"),
+    (b'{"query": "x", "top_k": true}', 422, "top_k must be an integer, got a boolean"),
+    (b'{"query": "x", "k": 3}', 422, "unknown field(s) 'k'"),
+    (b'{"vector": [0.1, 0.2, 0.3]}', 422, "vector has 3 dimensions; the index has 384"),
+    (b'{"vector": "0.1"}', 422, "vector must be an array of numbers, got a string"),
+    (b'{"vector": [0.1, "a"]}', 422, "vector[1] must be a number, got a string"),
+    (json.dumps({"query": "x", "vector": [0.0] * 384}).encode(), 422, "both were given"),
+    (b"{" + b" " * (1 << 20) + b"}", 413, "the limit is 1048576"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, status, message", BAD_REQUESTS,
+                         ids=[f"{i}-{s}" for i, (_, s, _) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_a_4xx_that_says_what_is_wrong(app, body, status, message):
+    response = app.client.post("/search", content=body,
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_ndcg_from_http_answers_equals_the_offline_evaluation(app, scifact):
+    data = scifact.dataset
+    queries = data.judged_queries()
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda text: _search(app.client, query=text, top_k=100),
+                                queries.values()))
+    assert not any(a["partial"] for a in answers)
+    assert all(len(a["hits"]) == 100 for a in answers)
+    http_run = {qid: _pairs(a) for qid, a in zip(queries, answers)}
+    ids, vectors = sh.embeddings.load(scifact.folder)
+    offline = ExactSearcher(vectors, ids).search(scifact.query_vectors, 100)
+    offline_run = dict(zip(scifact.query_ids, offline))
+    http_ndcg = evaluate(data.qrels, http_run)["ndcg@10"]
+    offline_ndcg = evaluate(data.qrels, offline_run)["ndcg@10"]
+    print(f"SciFact NDCG@10: HTTP API {http_ndcg:.4f}, offline {offline_ndcg:.4f}")
+    assert http_ndcg == pytest.approx(offline_ndcg, abs=1e-3)
+    assert http_ndcg == pytest.approx(0.645, abs=0.003)
+    top1 = answers[0]["hits"][0]
+    doc = data.corpus.ids.index(top1["doc_id"])
+    assert top1["title"] == data.corpus.titles[doc] and top1["text"] == data.corpus.texts[doc]
+
+
+@pytest.mark.slow
+def test_vector_answers_equal_the_in_process_merge_of_the_shards(app, scifact):
+    vectors = scifact.query_vectors[:25]
+    for vector, want in zip(vectors, one_by_one(app.shards, vectors, 100)):
+        answer = _search(app.client, vector=vector.tolist(), top_k=100)
+        assert _pairs(answer) == want  # same ids, same order, same scores
+        assert [h["rank"] for h in answer["hits"]] == list(range(1, 101))
+        assert answer["partial"] is False and answer["missing_shards"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_load_1000_requests_from_16_clients_without_errors(app, scifact):
+    texts = list(scifact.dataset.judged_queries().values())
+    vectors = scifact.query_vectors
+
+    def one(i: int):
+        body = ({"query": texts[i % len(texts)], "top_k": 10} if i % 4 == 0 else
+                {"vector": vectors[i % len(vectors)].tolist(), "top_k": 10})
+        try:
+            response = app.client.post("/search", json=body)
+            ok = response.status_code == 200 and not response.json()["partial"]
+            return ok, response.status_code
+        except httpx.HTTPError as err:
+            return False, repr(err)
+
+    started = time.perf_counter()
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(1000)))
+    elapsed = time.perf_counter() - started
+    errors = [r for r in results if not r[0]]
+    print(f"1000 requests, 16 clients: {elapsed:.1f} s, {1000 / elapsed:.0f} req/s, "
+          f"{len(errors)} errors")
+    assert errors == []
+
+
+def _kill_replica(deployment: str) -> str:
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if f"#{deployment}#" in a["name"]]
+    assert len(names) == 1, names
+    actor = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    ray.kill(actor, no_restart=True)
+    return names[0]["name"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killing_a_shard_replica_gives_partial_answers_never_5xx(app, scifact):
+    vectors = scifact.query_vectors
+    expected = one_by_one(app.shards, vectors, 10)
+    without_1 = one_by_one([s for s in app.shards if s.name != "shard-1"], vectors, 10)
+    done = threading.Event()
+    counter = {"n": 0}
+    lock = threading.Lock()
+
+    def one(i: int):
+        q = i % len(vectors)
+        response = app.client.post("/search", json={"vector": vectors[q].tolist(), "top_k": 10})
+        with lock:
+            counter["n"] += 1
+            if counter["n"] == 100:
+                done.set()
+        return q, response.status_code, response.json()
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(500)]
+        assert done.wait(120), "the first 100 requests did not finish"
+        killed = _kill_replica("ShardSearcher-1")
+        results = [f.result() for f in futures]
+    statuses = [status for _, status, _ in results]
+    assert all(s == 200 for s in statuses), sorted(set(statuses))
+    partial = 0
+    for q, _, answer in results:
+        if answer["partial"]:
+            partial += 1
+            assert answer["missing_shards"] == ["shard-1"], answer
+            assert "shard-1" in answer["errors"]
+            assert _pairs(answer) == without_1[q]  # the other shards' merged hits
+        else:
+            assert _pairs(answer) == expected[q]
+    print(f"killed {killed}: {partial} of 500 answers partial, none failed")
+    assert partial >= 1  # the kill was felt
+    deadline = time.time() + 120
+    while True:  # Serve replaces the replica; answers become complete again
+        answer = _search(app.client, vector=vectors[0].tolist(), top_k=10)
+        if not answer["partial"]:
+            break
+        assert time.time() < deadline, "shard-1 did not come back within 120 s"
+        time.sleep(1.0)
+    for q in range(20):
+        answer = _search(app.client, vector=vectors[q].tolist(), top_k=10)
+        assert not answer["partial"] and _pairs(answer) == expected[q]
+
+
+# --------------------------------------------------------------------------- CLI and config
+
+def test_serve_command_rejects_a_missing_index_before_starting_anything(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.serve", "--index",
+                           str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "nope: no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _small_index(tmp_path, shards: int) -> str:
+    from tests.index_fixtures import write_embeddings
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"d{i}" for i in range(400)]
+    write_embeddings(str(tmp_path / "emb"), ids, vectors, {"model": "minilm", "pooling": "mean",
+                                                           "normalize": True})
+    out = str(tmp_path / f"flat-{shards}")
+    sh.build(str(tmp_path / "emb"), out, shards, sh.IndexSpec("flat"))
+    return out
+
+
+def test_serve_config_file_is_valid_and_drives_the_app(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.serve import ServeConfig, app_args
+    from retriever.errors import InputError
+    from serve.app import build_app
+
+    config_file = str(REPO / "serve" / "config.yaml")
+    from retriever.config import load_file
+
+    schema = ServeDeploySchema(**load_file(config_file))
+    app_config = schema.applications[0]
+    assert app_config.import_path == "serve.app:build_app"
+    names = {d.name for d in app_config.deployments}
+    assert names == {"QueryEncoder", "Router", *(f"ShardSearcher-{n}" for n in range(4))}
+    index = _small_index(tmp_path, 4)
+    args = app_args(ServeConfig(index=index, serve_config=config_file))
+    assert args["index"] == index and args["timeout_s"] == 2.0
+    built = build_app(args)  # binds QueryEncoder, 4 ShardSearchers and the Router
+    assert type(built).__name__ == "Application"
+    with pytest.raises(InputError, match="'ShardSearcher-2': the app has QueryEncoder, Router "
+                                         r"and ShardSearcher-0..1"):
+        build_app(app_args(ServeConfig(index=_small_index(tmp_path / "two", 2),
+                                       serve_config=config_file)))
+    with pytest.raises(InputError, match="unknown argument"):
+        build_app({"index": index, "shards": 3})
+
+
+# --------------------------------------------------------------------------- API in-process
+
+class DelayedBackend:
+    """LocalBackend whose shard ``slow`` answers only after ``delay_s`` (a slow machine)."""
+
+    def __init__(self, backend, slow: int, delay_s: float, fail: int | None = None):
+        self.backend, self.slow, self.delay_s, self.fail = backend, slow, delay_s, fail
+        self.dim, self.shard_names = backend.dim, backend.shard_names
+
+    async def encode(self, text):
+        return await self.backend.encode(text)
+
+    async def search_shard(self, number, vector, k):
+        if number == self.slow:
+            await asyncio.sleep(self.delay_s)
+        if number == self.fail:
+            raise RuntimeError("replica died")
+        return await self.backend.search_shard(number, vector, k)
+
+    def info(self):
+        return self.backend.info()
+
+    def doc(self, doc_id):
+        return self.backend.doc(doc_id)
+
+
+def test_a_shard_that_does_not_answer_in_time_is_named_and_the_rest_answered(tmp_path,
+                                                                              monkeypatch):
+    from serve.api import ApiSettings
+    from serve.local import LocalBackend
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    index = _small_index(tmp_path, 4)
+    local = LocalBackend(index)
+    api = make_api(DelayedBackend(local, slow=2, delay_s=2.0, fail=0),
+                   ApiSettings(timeout_s=0.3))
+    vector = np.asarray(local.shards[1].index.reconstruct(5), np.float32)
+    with TestClient(api) as client:  # no token configured: no header needed
+        started = time.perf_counter()
+        response = client.post("/search", json={"vector": vector.tolist(), "top_k": 10})
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["partial"] is True and answer["missing_shards"] == ["shard-0", "shard-2"]
+    assert answer["errors"]["shard-2"] == "no answer within 0.3 s"
+    assert answer["errors"]["shard-0"] == "RuntimeError: replica died"
+    others = [local.shards[n].search(vector[None], 10)[0] for n in (1, 3)]
+    assert _pairs(answer) == merge(others, 10)
+    assert elapsed < 1.5  # did not wait for the slow shard
+
+
+def test_fan_out_runs_calls_concurrently():
+    async def call(delay, value):
+        await asyncio.sleep(delay)
+        return value
+
+    async def main():
+        started = time.perf_counter()
+        answers, errors = await fan_out([lambda: call(0.2, 1), lambda: call(0.2, 2),
+                                         lambda: call(5, 3)], ["a", "b", "c"], 0.5)
+        return answers, errors, time.perf_counter() - started
+
+    answers, errors, elapsed = asyncio.run(main())
+    assert answers == {"a": 1, "b": 2} and list(errors) == ["c"]
+    assert elapsed < 1.0
+
+
+def test_coalescer_batches_under_load_and_frees_a_hung_shard(tmp_path):
+    index = _small_index(tmp_path, 1)
+    shard = sh.load_all(index)[0]
+    queries = np.asarray([shard.index.reconstruct(i) for i in range(12)], np.float32)
+    calls = []
+
+    async def call(vectors, k):
+        calls.append(len(vectors))
+        await asyncio.sleep(0.05)  # a shard's round trip
+        return shard.search(vectors, k)
+
+    async def many():
+        coalescer = Coalescer(call, timeout_s=5.0, max_in_flight=2)
+        return await asyncio.gather(*(coalescer.search(q, 3 + i % 3)
+                                      for i, q in enumerate(queries)))
+
+    got = asyncio.run(many())
+    assert got == [shard.search(q[None], 3 + i % 3)[0] for i, q in enumerate(queries)]
+    assert calls[:2] == [1, 1] and sum(calls) == 12 and len(calls) < 12  # batched
+
+    async def one_at_a_time():
+        coalescer = Coalescer(call, timeout_s=5.0)
+        return [await coalescer.search(q, 5) for q in queries[:3]]
+
+    calls.clear()
+    asyncio.run(one_at_a_time())
+    assert calls == [1, 1, 1]  # no waiting for company at concurrency 1
+
+    async def hung_then_fine():
+        state = {"hang": True}
+
+        async def flaky(vectors, k):
+            if state.pop("hang", False):
+                await asyncio.sleep(60)
+            return shard.search(vectors, k)
+
+        coalescer = Coalescer(flaky, timeout_s=0.2, max_in_flight=1)
+        with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
+            await coalescer.search(queries[0], 5)
+        return await asyncio.wait_for(coalescer.search(queries[1], 5), 2.0)
+
+    assert asyncio.run(hung_then_fine()) == shard.search(queries[1:2], 5)[0]
