@@ -13,6 +13,10 @@ query vectors (``top_k`` 10):
   127.0.0.1 from 1 and from 16 clients, each with its own keep-alive connection; request
   bodies are serialised before the clock starts.
 
+At concurrency 1 the two are interleaved query by query (in-process, then HTTP), so both
+see the same moments of a shared machine whose load swings; at 16 they run one after the
+other.
+
 Prints p50 / p99 latency (ms) and QPS for each, the added p50 (HTTP - in-process) in ms and
 the ratio HTTP / in-process, measured in the same run. The bar on the 2-core development
 machine is <= 15 ms added p50 at 4 shards and concurrency 1; the goal is <= 5 ms.
@@ -32,6 +36,7 @@ import concurrent.futures as cf
 import http.client
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -103,6 +108,42 @@ def in_process(loaded, queries: np.ndarray, k: int, concurrency: int):
         sh.search_all(loaded, q[None], k)
 
     return run_clients(call, list(queries), concurrency)
+
+
+def paired(loaded, port: int, queries: np.ndarray, bodies: list[bytes], k: int,
+           floor: bool) -> dict[str, list[float]]:
+    """Concurrency 1, interleaved: for each query in-process, then HTTP (then the floor
+    apps), so that every kind sees the same moments of a machine whose load swings."""
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("RETRIEVER_API_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    out: dict[str, list[float]] = {"local": [], "http": [], "took": [], "empty": [], "hop": []}
+
+    def post(path: str, body: bytes) -> bytes:
+        conn.request("POST", path, body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200 or b'"partial": true' in data:
+            raise RuntimeError(f"{path}: HTTP {response.status}: {data[:200]!r}")
+        return data
+
+    for q, body in zip(queries, bodies):
+        started = time.perf_counter()
+        sh.search_all(loaded, q[None], k)
+        out["local"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        data = post("/search", body)
+        out["http"].append(time.perf_counter() - started)
+        out["took"].append(json.loads(data)["took_ms"] / 1000)
+        if floor:
+            for name in ("empty", "hop"):
+                started = time.perf_counter()
+                post(f"/floor/{name}", b"{}")
+                out[name].append(time.perf_counter() - started)
+    conn.close()
+    return out
 
 
 def over_http(port: int, bodies: list[bytes], concurrency: int, took: list | None = None):
@@ -239,16 +280,20 @@ def main(argv: list[str] | None = None) -> int:
             in_process(loaded, queries[:50], args.top_k, 1)
             levels = [1, args.concurrency] if n == args.main_shards else [1]
             for c in levels:
-                local_lat, local_qps = in_process(loaded, queries, args.top_k, c)
-                took: list[float] = []
-                http_lat, http_qps = over_http(port, bodies, c, took)
-                if n == args.main_shards and c == 1:
-                    over_http_path(port, "/floor/hop", 30)  # warm up
-                    floor = {"router_took": percentiles(took)[0],
-                             "empty": percentiles(over_http_path(port, "/floor/empty",
-                                                                 args.requests))[0],
-                             "hop": percentiles(over_http_path(port, "/floor/hop",
-                                                               args.requests))[0]}
+                if c == 1:
+                    main = n == args.main_shards
+                    if main:
+                        over_http_path(port, "/floor/hop", 30)  # warm up
+                    lat = paired(loaded, port, queries, bodies, args.top_k, main)
+                    local_lat, http_lat = lat["local"], lat["http"]
+                    local_qps, http_qps = 1 / np.mean(local_lat), 1 / np.mean(http_lat)
+                    if main:
+                        floor = {"router_took": percentiles(lat["took"])[0],
+                                 "empty": percentiles(lat["empty"])[0],
+                                 "hop": percentiles(lat["hop"])[0]}
+                else:
+                    local_lat, local_qps = in_process(loaded, queries, args.top_k, c)
+                    http_lat, http_qps = over_http(port, bodies, c)
                 lp50, lp99 = percentiles(local_lat)
                 hp50, hp99 = percentiles(http_lat)
                 row = (n, c, lp50, lp99, local_qps, hp50, hp99, http_qps)
@@ -258,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
     print()
     print(f"{'shards':>6} {'conc':>4} | {'in-process p50':>14} {'p99':>8} {'QPS':>8} | "

@@ -162,6 +162,21 @@ def _document(url: str, number: int, obj: dict, id_key: str = "_id",
     return doc_id, (f"{title} {text}" if title else text)
 
 
+def _numbered_lines(url: str, handle) -> Iterator[tuple[int, bytes]]:
+    """(1-based number, raw line); a truncated or corrupt compressed file is a clear error."""
+    number = 0
+    lines = iter(handle)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except (OSError, EOFError, ValueError) as err:  # gzip/bz2/lzma/zstd decoding errors
+            raise BadDocument(url, f"cannot read past line {number} ({err})") from None
+        number += 1
+        yield number, raw
+
+
 def _jsonl_rows(url: str) -> Iterator[_Row]:
     try:
         handle = store.open_read(url, "rb")
@@ -169,7 +184,7 @@ def _jsonl_rows(url: str) -> Iterator[_Row]:
         raise BadDocument(url, "file not found") from err
     empty = True
     with handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in _numbered_lines(url, handle):
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():
                 continue

@@ -6,7 +6,8 @@ embeddings the index was built from (``source.encoder``; ``model`` overrides the
 binds QueryEncoder, one ShardSearcher per shard (``ShardSearcher-0`` ..) and the Router
 ingress. ``args`` (see :class:`AppArgs`): ``index`` (required), ``model``, ``docs``,
 ``timeout_s``, ``max_top_k``, ``max_query_chars``, ``encoder_batch_size``,
-``encoder_batch_wait_s``, ``gpu``, ``access_log``, ``low_latency`` and ``deployments``: Serve-style per-deployment options
+``encoder_batch_wait_s``, ``gpu``, ``access_log``, ``low_latency`` and ``deployments``:
+Serve-style per-deployment options
 (``name``, ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
 ``max_ongoing_requests``, ...) applied in code; the name ``ShardSearcher`` applies to every
 shard, ``ShardSearcher-<n>`` to one. Options in a Serve config's own ``deployments:`` list
@@ -65,6 +66,12 @@ class AppArgs:
         if not args.get("index"):
             raise InputError("serve app: the 'index' argument (index folder URL) is required")
         values = dict(args)
+        for name in ("access_log", "low_latency"):
+            if isinstance(values.get(name), str):  # `serve run ... key=value` passes strings
+                text = values[name].strip().lower()
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise InputError(f"serve app: {name}={values[name]!r} is not true/false")
+                values[name] = text in ("true", "1", "yes")
         for name, kind in (("timeout_s", float), ("max_top_k", int), ("max_query_chars", int),
                            ("encoder_batch_size", int), ("encoder_batch_wait_s", float)):
             if name in values:  # `serve run ... key=value` passes strings

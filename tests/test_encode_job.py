@@ -298,6 +298,29 @@ def test_reader_skip_policy_counts_every_problem(tmp_path):
     assert [s.input_rows for s in shards] == [3, 3, 2] and shards[-1].last
 
 
+def test_reader_parquet_and_damaged_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"doc_id": ["a", "b", "a", "c"], "title": ["T", None, None, ""],
+                             "text": ["x", "y", "z", None]}), tmp_path / "part-1.parquet")
+    files = CorpusSource.open(str(tmp_path)).files
+    with pytest.raises(BadDocument, match=r"part-1.parquet, row 3: duplicate id 'a' \(first at "
+                                          r"row 1\)"):
+        list(iter_shards(files, 10))
+    shard, = iter_shards(files, 10, on_bad_input="skip")
+    assert shard.doc_ids == ["a", "b"] and shard.texts == ["T x", "y"]
+    assert shard.skipped == {"duplicate_id": 1, "missing_text": 1}
+
+    good = gzip.compress(b'{"_id": "1", "text": "one"}\n' * 2000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])  # a truncated download
+    with pytest.raises(BadDocument, match="cut.jsonl.gz: cannot read past line"):
+        list(iter_shards([str(tmp_path / "cut.jsonl.gz")], 10, on_bad_input="skip"))
+    (tmp_path / "empty.jsonl").write_bytes(b"\n\n")
+    with pytest.raises(BadDocument, match="empty.jsonl: file is empty"):
+        list(iter_shards([str(tmp_path / "empty.jsonl")], 10, on_bad_input="skip"))
+
+
 def test_shard_plan_depends_only_on_the_corpus(tmp_path):
     files = CorpusSource.open(dataset("scifact")).files
     first = [(s.index, s.first_row, s.input_sha256, s.doc_ids) for s in iter_shards(files, 700)]

@@ -98,8 +98,8 @@ def test_dense_and_bm25_mining_job_writes_training_examples(split_folder, tmp_pa
     out = tmp_path / "mined"
     assert mine_job.main(["--dataset", str(split_folder), "--split", "train",
                           "--dense-model", model, "--bm25-depth", "50", "--dense-depth", "50",
-                          "--num-negatives", "8", "--dtype", "float32", "--false-negative-margin", "0",
-                          "--out", str(out)]) == 0
+                          "--num-negatives", "8", "--dtype", "float32",
+                          "--false-negative-margin", "0", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["count"] == 150 and manifest["examples"] == "examples.parquet"
     stats = manifest["stats"]

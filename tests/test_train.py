@@ -1,9 +1,10 @@
 """Training mechanics on Ray Train with a tiny random BERT (2 workers, CPU, gloo).
 
-One 10-step run per strategy (ZeRO-3, ZeRO-2, DDP) with the same seed and data is shared by
-the tests below; a constant learning rate makes a run's first steps independent of its
-length, so a longer run (the fault test) must reproduce the 10-step run's losses exactly, also
-across the restart from its checkpoint.
+One 10-step run per strategy (ZeRO-3, ZeRO-2, DDP) with the same seed and data (2 workers x
+2 queries x 2 accumulation steps, gradient checkpointing on) is shared by the tests below; a
+constant learning rate makes a run's first steps independent of its length, so a longer run
+(the fault test) must reproduce the 10-step run's losses exactly, also across the restart from
+its checkpoint.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def ray_local():
 def mechanics_config(assets, strategy: str, out: str, **overrides) -> TrainConfig:
     settings = dict(train_data=assets["examples"], model=assets["model"], out=out,
                     strategy=strategy, num_workers=2, max_steps=10, per_device_batch_size=2,
-                    group_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                    gradient_checkpointing=True, learning_rate=1e-3, schedule="constant",
-                    warmup_ratio=0.0, temperature=0.05, checkpoint_every=5,
+                    gradient_accumulation_steps=2, group_size=4, lora_r=4, lora_alpha=8,
+                    lora_dropout=0.0, gradient_checkpointing=True, learning_rate=1e-3,
+                    schedule="constant", warmup_ratio=0.0, temperature=0.05, checkpoint_every=5,
                     zero3_persistence_threshold=0, max_failures=0, seed=0)
     settings.update(overrides)
     return TrainConfig(**settings)
