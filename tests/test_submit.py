@@ -133,7 +133,7 @@ def _our_processes(temp_dir: str) -> list[int]:
 def local_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster") / "state.json"
     rc = cli(["cluster", "up", "--local", "--workers", "1", "--state", str(state),
-              "--object-store-mb", "128", "--timeout", "90"])
+              "--object-store-mb", "128", "--timeout", "180"])
     assert rc == 0, "retriever cluster up --local failed"
     cluster = lc.load_state(state)
     assert cluster is not None
@@ -154,7 +154,7 @@ def _submit(capsys, cluster, *args: str) -> tuple[int, str]:
     return rc, captured.out + captured.err
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_local_cluster_has_two_nodes_on_loopback_dashboard(local_cluster):
     assert local_cluster.dashboard_url.startswith("http://127.0.0.1:")
     nodes = lc.alive_nodes(local_cluster.dashboard_url)
@@ -172,7 +172,7 @@ def test_submit_finds_the_local_cluster_by_its_state(monkeypatch, local_cluster)
     assert submit.cluster_is_local(local_cluster.dashboard_url) is True
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_submit_plan_job_succeeds_on_the_worker(capsys, local_cluster):
     rc, out = _submit(capsys, local_cluster, "--resources", '{"worker_0": 0.01}',
                       "--submission-id", "test-plan-job", "plan", "--docs", "1e9", "--json")
@@ -187,7 +187,7 @@ def test_submit_plan_job_succeeds_on_the_worker(capsys, local_cluster):
     assert info.driver_node_id == worker[0]["node_id"], "the driver ran on worker_0"
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_failing_job_gives_nonzero_exit(capsys, local_cluster):
     rc, out = _submit(capsys, local_cluster, "plan", "--docs", "1e6", "--pq-m", "61")
     assert rc == 1, out
@@ -195,7 +195,7 @@ def test_failing_job_gives_nonzero_exit(capsys, local_cluster):
     assert "must divide dims" in out  # the job's stderr reached us through the log stream
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 @pytest.mark.skipif(importlib.util.find_spec("jobs.eval") is None,
                     reason="jobs/eval.py not written yet")
 def test_submit_bm25_eval_of_cranfield_writes_metrics(capsys, monkeypatch, local_cluster,
