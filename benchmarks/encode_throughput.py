@@ -102,7 +102,16 @@ def main() -> int:
 
     corpora = {p: corpus_file(p[0], p[1], work) for p in points}
     rows = []
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # on a busy shared machine the local node can time out starting
+        try:
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     log_to_driver=False)
+            break
+        except Exception as err:  # noqa: BLE001
+            print(f"ray.init failed ({err}); retrying", file=sys.stderr)
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         for point in points:
             folder, ids, _ = corpora[point]

@@ -3,8 +3,15 @@
 Trains the same model on the same batches for ``--steps`` optimizer steps with each strategy
 (Ray Train, ``--workers`` workers, GPUs when the cluster has them) and prints, side by side,
 samples/s (queries per second, median step after the first, which includes warm-up) and peak
-memory per worker (CUDA max allocated on GPU, peak RSS on CPU), each also as a ratio to DDP
-measured in the same run::
+memory per worker while training (CUDA max allocated on GPU; on CPU the process RSS sampled
+every 10 ms from the first step on, so the transient peak of loading the checkpoint is not
+counted -- that lifetime high-water mark is printed too), each also as a ratio to DDP measured
+in the same run.
+
+On CPU, peak RSS also measures the allocator: ZeRO-3 gathers and frees whole weight matrices
+for every layer, and glibc's adaptive mmap threshold then serves those sizes from heap arenas
+that fragment; ``--worker-env MALLOC_MMAP_THRESHOLD_=131072`` (a fixed threshold) shows the
+RSS without that effect, at some speed cost. ::
 
     python benchmarks/train_throughput.py --model smollm2-135m --steps 6
     python benchmarks/train_throughput.py --model minilm --per-device-batch-size 8 --group-size 4
@@ -59,7 +66,8 @@ def measure(strategy: str, args, train_data: str, root: Path) -> dict:
         passage_max_length=args.passage_max_length, query_max_length=32,
         gradient_checkpointing=args.gradient_checkpointing, lora_r=16, lora_alpha=32,
         checkpoint_every=args.steps, export=False, max_failures=0, schedule="constant",
-        warmup_ratio=0.0, seed=0)
+        warmup_ratio=0.0, seed=0,
+        worker_env=dict(item.split("=", 1) for item in args.worker_env) or None)
     result = train(config)
     if result.error:
         raise RuntimeError(f"{strategy}: {result.error}")
@@ -68,7 +76,8 @@ def measure(strategy: str, args, train_data: str, root: Path) -> dict:
     steady = [h["step_s"] for h in history[1:]] or [history[0]["step_s"]]
     queries = args.per_device_batch_size * args.workers
     return {"strategy": strategy, "samples_per_s": queries / statistics.median(steady),
-            "peak_memory_mb": history[-1]["peak_memory_mb"],
+            "peak_memory_mb": result.metrics["peak_memory_mb"],
+            "peak_rss_lifetime_mb": result.metrics["peak_rss_lifetime_mb"],
             "params_held": result.metrics["partition"]["params_held"],
             "params_full": result.metrics["partition"]["params_full"],
             "losses": [round(h["loss"], 5) for h in history]}
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                         choices=STRATEGIES)
+    parser.add_argument("--worker-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment for the workers, e.g. MALLOC_MMAP_THRESHOLD_=131072")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -108,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.passage_max_length} tokens, {args.steps} steps; ratios against "
           f"{peer['strategy']} measured in this run")
     header = (f"{'strategy':<8}  {'samples/s':>10}  {'x peer':>7}  "
-              f"{'peak MiB per worker':>22}  {'x peer':>7}  {'params held per worker':>24}")
+              f"{'train peak MiB/worker':>22}  {'x peer':>7}  {'lifetime peak MiB':>18}  "
+              f"{'params held per worker':>24}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['samples_per_s'] / peer['samples_per_s']:>7.2f}  "
               f"{' / '.join(f'{m:.0f}' for m in r['peak_memory_mb']):>22}  "
               f"{mem / peer_mem:>7.2f}  "
+              f"{' / '.join(f'{m:.0f}' for m in r['peak_rss_lifetime_mb']):>18}  "
               f"{' / '.join(f'{h / 1e6:.1f}M' for h in r['params_held']):>24}")
     same = all(max(abs(a - b) for a, b in zip(r["losses"], rows[0]["losses"])) <= 1e-4
                for r in rows)

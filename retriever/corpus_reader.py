@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -88,7 +89,7 @@ class CorpusSource:
 
     @classmethod
     def open(cls, url: str) -> "CorpusSource":
-        url = url if store.has_scheme(url) else store.join(_abspath(url))
+        url = url if store.has_scheme(url) else store.join(os.path.abspath(url))
         fs, path = store.filesystem(url)
         fs.invalidate_cache(path)
         if not fs.exists(path):
@@ -111,12 +112,6 @@ class CorpusSource:
         else:
             stem = name.split(".", 1)[0]
         return cls(url, [url], stem or "corpus")
-
-
-def _abspath(path: str) -> str:
-    import os
-
-    return os.path.abspath(path)
 
 
 def _basename(url: str) -> str:

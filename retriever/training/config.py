@@ -43,6 +43,9 @@ class TrainConfig:
         "help": "placement group strategy for the workers", "choices": list(PLACEMENTS)})
     max_failures: int = field(default=2, metadata={
         "help": "worker-group restarts (from the last checkpoint) before giving up"})
+    worker_env: dict[str, str] | None = field(default=None, metadata={
+        "help": "extra environment variables for the workers, as JSON (e.g. NCCL or allocator "
+                "settings)"})
     # ---------------------------------------------------------------- optimisation
     epochs: float = field(default=1.0, metadata={"help": "passes over the examples"})
     max_steps: int | None = field(default=None, metadata={
@@ -86,6 +89,10 @@ class TrainConfig:
     zero3_persistence_threshold: int | None = field(default=None, metadata={
         "help": "ZeRO-3 leaves parameters smaller than this unpartitioned "
                 "(default 10 x hidden size)"})
+    zero3_max_live_parameters: int | None = field(default=None, metadata={
+        "help": "ZeRO-3 releases gathered parameters beyond this many elements (default "
+                "20 x hidden size^2, about two layers; DeepSpeed's own default, 1e9, keeps a "
+                "small model gathered whole and saves no memory)"})
     export: bool = field(default=True, metadata={"help": "write adapter/ and merged/ at the end"})
     merge: bool = field(default=True, metadata={"help": "also export the merged model"})
 
@@ -127,7 +134,8 @@ class TrainConfig:
     # can be extended with more steps or epochs).
     RESUMABLE_CHANGES = ("out", "run_id", "max_failures", "checkpoint_every", "keep_checkpoints",
                          "export", "merge", "placement_strategy", "cpus_per_worker", "use_gpu",
-                         "epochs", "max_steps")
+                         "epochs", "max_steps", "zero3_persistence_threshold",
+                         "zero3_max_live_parameters", "worker_env")
 
     def essential(self) -> dict:
         """The settings that must stay the same for a run to be resumed."""

@@ -55,7 +55,8 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str,
 
 def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size: int,
                      max_grad_norm: float, bf16: bool, hidden_size: int,
-                     persistence_threshold: int | None = None) -> dict:
+                     persistence_threshold: int | None = None,
+                     max_live_parameters: int | None = None) -> dict:
     """A complete DeepSpeed config (no "auto" values) for ZeRO ``stage`` 2 or 3."""
     if stage not in (2, 3):
         raise ValueError(f"ZeRO stage {stage}: expected 2 or 3")
@@ -67,6 +68,15 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
             "stage3_param_persistence_threshold": (10 * hidden_size
                                                    if persistence_threshold is None
                                                    else persistence_threshold),
+            # Release gathered weights once used (and do not keep them for reuse) beyond about
+            # two layers' worth: DeepSpeed's defaults (1e9 elements) keep a model below a
+            # billion parameters gathered whole, i.e. ZeRO-3 would then save no memory at all.
+            "stage3_max_live_parameters": (20 * hidden_size * hidden_size
+                                           if max_live_parameters is None
+                                           else max_live_parameters),
+            "stage3_max_reuse_distance": (20 * hidden_size * hidden_size
+                                          if max_live_parameters is None
+                                          else max_live_parameters),
             "stage3_gather_16bit_weights_on_model_save": False,
         })
     else:

@@ -35,9 +35,49 @@ def _dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+class MemoryPeak:
+    """Peak memory of this worker since :meth:`start` (i.e. while training, not loading).
+
+    GPU: CUDA's peak allocated bytes, reset at start. CPU: the process RSS, sampled every
+    ``interval`` seconds by a daemon thread (the kernel's own high-water mark, ``ru_maxrss``,
+    cannot be reset and would include the transient peak of loading the checkpoint).
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.01):
+        self.device, self.interval = device, interval
+        self.peak = 0
+        self._stop = None
+
+    def start(self) -> "MemoryPeak":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import threading
+
+        import psutil
+
+        process = psutil.Process()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss)
+                self._stop.wait(self.interval)
+
+        threading.Thread(target=sample, name="memory-peak", daemon=True).start()
+        return self
+
+    def mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self.peak / 2**20
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+
+def _lifetime_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -140,7 +180,8 @@ def train_loop_per_worker(payload: dict) -> None:
             accumulation=config.gradient_accumulation_steps, world_size=world,
             max_grad_norm=config.max_grad_norm, bf16=dtype == torch.bfloat16,
             hidden_size=hidden_size(resolved),
-            persistence_threshold=config.zero3_persistence_threshold)
+            persistence_threshold=config.zero3_persistence_threshold,
+            max_live_parameters=config.zero3_max_live_parameters)
     # DeepSpeed keeps fp32 master weights itself, so its model may be stored in bf16; DDP keeps
     # fp32 weights (the optimizer updates them) and computes under autocast.
     weight_dtype = dtype if ds_config is not None else torch.float32
@@ -219,6 +260,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 shutil.rmtree(directory, ignore_errors=True)
 
     # ------------------------------------------------------------------ train
+    memory_peak = MemoryPeak(device).start()
     module.train()
     group = config.group_size
     queries_per_step = config.per_device_batch_size * world * config.gradient_accumulation_steps
@@ -241,12 +283,14 @@ def train_loop_per_worker(payload: dict) -> None:
             engine.step()
             loss_sum += loss.detach().float().cpu()
         mean_loss = _mean_across(loss_sum / config.gradient_accumulation_steps)
-        memory = [row[0] for row in _gather([_peak_memory_mb(device)], torch.float64)]
+        memory = _gather([memory_peak.mb(), _lifetime_peak_rss_mb()], torch.float64)
         elapsed = time.perf_counter() - started
         metrics = {"step": step + 1, "total_steps": total, "epoch": sampler.epoch_of(step + 1),
                    "loss": mean_loss, "lr": lr, "step_s": elapsed,
                    "samples_per_s": queries_per_step / max(elapsed, 1e-9),
-                   "peak_memory_mb": memory, "strategy": config.strategy,
+                   "peak_memory_mb": [row[0] for row in memory],
+                   "peak_rss_lifetime_mb": [row[1] for row in memory],
+                   "strategy": config.strategy,
                    "world_size": world, "resumed_from": resumes[-1]["from_step"] if resumes
                    else None, "partition": partition, "workers": workers}
         history.append({k: metrics[k] for k in ("step", "loss", "lr", "step_s",
@@ -255,6 +299,8 @@ def train_loop_per_worker(payload: dict) -> None:
             save_checkpoint(step + 1, metrics)
         else:
             ray.train.report(metrics)
+
+    memory_peak.stop()
 
     # ------------------------------------------------------------------ export
     if config.export:

@@ -126,7 +126,8 @@ def build_trainer(config: TrainConfig, out: str, train_data: str):
     storage_path, storage_fs = ray_storage(out)
     payload = {"config": config.to_dict(), "out": out, "train_data": train_data}
     env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
-           **{k: os.environ[k] for k in STORE_ENV if os.environ.get(k)}}
+           **{k: os.environ[k] for k in STORE_ENV if os.environ.get(k)},
+           **{str(k): str(v) for k, v in (config.worker_env or {}).items()}}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
