@@ -107,9 +107,12 @@ def _node_ips(address: str) -> list[str] | None:
     """IPs of the cluster's ALIVE nodes (state API), or None if it cannot be asked."""
     import urllib.request
 
+    from retriever.cluster import auth_headers
+
+    request = urllib.request.Request(f"{address.rstrip('/')}/api/v0/nodes?limit=1000",
+                                     headers=auth_headers())
     try:
-        with urllib.request.urlopen(f"{address.rstrip('/')}/api/v0/nodes?limit=1000",
-                                    timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
             rows = json.loads(resp.read())["data"]["result"]["result"]
     except Exception:  # noqa: BLE001
         return None
@@ -339,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    from retriever.cluster import auth_headers
+
+    # Our token only goes to a cluster on this machine; for a remote one Ray's own
+    # RAY_AUTH_MODE / RAY_AUTH_TOKEN settings apply.
+    client = JobSubmissionClient(address, headers=auth_headers() if local else None)
     submitted = client.submit_job(
         entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
         metadata={"retriever_job": module, "submitted_from": socket.gethostname()},

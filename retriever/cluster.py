@@ -15,7 +15,10 @@ Isolation from other Ray users on the same machine (tests calling ``ray.init()``
   so ``ray.init()`` elsewhere neither finds nor joins this cluster;
 * every fixed default port is replaced by a free one (GCS, dashboard, Ray client server,
   dashboard agent);
-* the dashboard / Job API listens on 127.0.0.1. Note that ``ray start`` rewrites a loopback
+* the dashboard / Job API listens on 127.0.0.1 and, on Ray versions that have it, token
+  authentication is on (``RAY_AUTH_MODE=token``; the token is Ray's own, ``~/.ray/auth_token``,
+  generated if missing), so only this user can submit jobs. Clients send it with
+  :func:`auth_headers`; set ``RAY_AUTH_MODE=disabled`` before ``up`` to opt out. Note that ``ray start`` rewrites a loopback
   ``--node-ip-address`` to the machine's routable address and Ray's gRPC servers (GCS, raylet,
   object manager) bind all interfaces; Ray 2.x has no option to confine them to loopback.
 
@@ -89,6 +92,7 @@ class LocalCluster:
     ports: dict[str, int]
     created: float = field(default_factory=time.time)
     python: str = sys.executable
+    auth: str = "disabled"  # "token" when the nodes were started with RAY_AUTH_MODE=token
 
     @property
     def address(self) -> str:
@@ -156,8 +160,49 @@ def _node_env() -> dict[str, str]:
     return env
 
 
+def _token_loader():
+    try:
+        from ray._raylet import AuthenticationTokenLoader  # Ray >= 2.52
+    except ImportError:
+        return None
+    return AuthenticationTokenLoader.instance()
+
+
+def auth_headers() -> dict[str, str]:
+    """The ``Authorization`` header for a Ray dashboard / Job API with token auth.
+
+    Ray's token (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), or
+    nothing when there is none; a cluster without token auth ignores the header.
+    """
+    loader = _token_loader()
+    if loader is None or not loader.has_token(ignore_auth_mode=True):
+        return {}
+    return dict(loader.get_token_for_http_header())
+
+
+def _auth_mode() -> str:
+    """The auth mode for new local nodes: ``token`` unless opted out or Ray lacks it.
+
+    Made explicit because Ray itself decides implicitly: ``ray start`` turns token auth on
+    whenever a token file exists (any earlier local ``ray.init()`` writes one), and then every
+    unauthenticated dashboard request is refused with 401.
+    """
+    loader = _token_loader()
+    if loader is None or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return "disabled"
+    if not loader.has_token(ignore_auth_mode=True):
+        from ray._private.authentication.authentication_token_setup import (
+            generate_and_save_token,
+        )
+
+        generate_and_save_token()
+        loader.reset_cache()
+    return "token"
+
+
 def _http_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+    request = urllib.request.Request(url, headers=auth_headers())
+    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - loopback only
         return json.loads(resp.read().decode("utf-8"))
 
 
@@ -280,10 +325,12 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
     os.makedirs(temp_dir, exist_ok=True)
     gcs_port, dash_port, client_port, *agent_ports = _free_ports(3 + cfg.workers + 1)
     env = _node_env()
+    env["RAY_AUTH_MODE"] = auth = _auth_mode()
     cluster = LocalCluster(
         gcs_address=f"{HOST}:{gcs_port}", dashboard_url=f"http://{HOST}:{dash_port}",
         temp_dir=temp_dir, state_path=state_path, nodes=[],
         ports={"gcs": gcs_port, "dashboard": dash_port, "ray_client": client_port},
+        auth=auth,
     )
     common = ["--node-ip-address", HOST, "--temp-dir", temp_dir, "--disable-usage-stats",
               "--object-store-memory", str(int(cfg.object_store_memory))]

@@ -277,8 +277,10 @@ def test_killing_a_shard_replica_gives_partial_answers_never_5xx(app, scifact):
             assert _pairs(answer) == without_1[q]  # the other shards' merged hits
         else:
             assert _pairs(answer) == expected[q]
+    # How many answers were partial depends on how fast Serve replaces the replica (often it
+    # masks the outage entirely); the partial path itself is pinned down by
+    # test_a_shard_that_does_not_answer_in_time_is_named_and_the_rest_answered.
     print(f"killed {killed}: {partial} of 500 answers partial, none failed")
-    assert partial >= 1  # the kill was felt
     deadline = time.time() + 120
     while True:  # Serve replaces the replica; answers become complete again
         answer = _search(app.client, vector=vectors[0].tolist(), top_k=10)
@@ -289,6 +291,14 @@ def test_killing_a_shard_replica_gives_partial_answers_never_5xx(app, scifact):
     for q in range(20):
         answer = _search(app.client, vector=vectors[q].tolist(), top_k=10)
         assert not answer["partial"] and _pairs(answer) == expected[q]
+    assert _replica_names("ShardSearcher-1") != [killed]  # the kill took: a new replica answers
+
+
+def _replica_names(deployment: str) -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if f"#{deployment}#" in a["name"]]
 
 
 # --------------------------------------------------------------------------- CLI and config

@@ -165,6 +165,17 @@ def test_local_cluster_has_two_nodes_on_loopback_dashboard(local_cluster):
     assert info["running"] and info["alive_nodes"] == 2
 
 
+def test_local_cluster_refuses_requests_without_the_token(local_cluster):
+    import urllib.error
+    import urllib.request
+
+    if local_cluster.auth != "token":
+        pytest.skip("this Ray has no token authentication")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{local_cluster.dashboard_url}/api/v0/nodes", timeout=10)
+    assert refused.value.code == 401
+
+
 def test_submit_finds_the_local_cluster_by_its_state(monkeypatch, local_cluster):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -181,7 +192,8 @@ def test_submit_plan_job_succeeds_on_the_worker(capsys, local_cluster):
     assert "test-plan-job SUCCEEDED" in out
     from ray.job_submission import JobSubmissionClient
 
-    info = JobSubmissionClient(local_cluster.dashboard_url).get_job_info("test-plan-job")
+    info = JobSubmissionClient(
+        local_cluster.dashboard_url, headers=lc.auth_headers()).get_job_info("test-plan-job")
     worker = [n for n in lc.alive_nodes(local_cluster.dashboard_url)
               if "worker_0" in n["resources"]]
     assert info.driver_node_id == worker[0]["node_id"], "the driver ran on worker_0"
