@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  temp dir (logs)      {cluster.temp_dir}")
             print(f"  state                {cluster.state_path}")
             print("submit with:  retriever submit plan --docs 1e6   (finds this cluster by its state)")
-            print(f"or:           RAY_API_SERVER_ADDRESS={cluster.dashboard_url} ray job submit ...")
+            auth = "RAY_AUTH_MODE=token " if cluster.auth == "token" else ""
+            print(f"or:           {auth}RAY_API_SERVER_ADDRESS={cluster.dashboard_url} "
+                  "ray job submit ...")
+            print(f"drivers:      {auth}RAY_ADDRESS={cluster.gcs_address} retriever train ...")
+            if cluster.auth == "token":
+                print("  (token auth is on: Ray's token in ~/.ray/auth_token; "
+                      "RAY_AUTH_MODE=disabled before `up` turns it off)")
             print("stop with:    retriever cluster down --local"
                   + (f" --state {shlex.quote(args.state)}" if args.state else ""))
         return 0

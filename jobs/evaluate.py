@@ -90,7 +90,7 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
 
     started = time.time()
     queries = dataset.judged_queries()
-    throughput = {}
+    throughput, artefacts = {}, {}
     if model.is_bm25:
         hits_by_query = ray.get(ray.remote(num_cpus=0.5)(_bm25_task).remote(
             spec.path, spec.split, config.top_k))
@@ -117,6 +117,7 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
             index_folder, model.model, model.encoder_options(), list(queries.values()),
             config.top_k))
         run = dict(zip(queries, hits))
+        artefacts = {"embeddings": emb_folder, "index": index_folder}
     result = score_run(dataset, run)
     result.update({"dataset": spec.name, "model": model.name, "split": spec.split,
                    "settings": settings, "seconds": time.time() - started})
@@ -126,7 +127,7 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
         "key": key, "model": model.model, "model_options": model.encoder_options(),
         "model_hash": model_hash, "dataset": spec.path, "dataset_hash": data_hash,
         "dataset_files": dataset.files, "settings": settings, "throughput": throughput,
-        "code_version": code_version(), "created": now()})
+        **artefacts, "code_version": code_version(), "created": now()})
     return RunRecord(model.name, spec.name, folder, key, False, result)
 
 

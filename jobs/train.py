@@ -18,11 +18,11 @@ from retriever.training.config import TrainConfig
 
 def main(argv: list[str] | None = None) -> int:
     config = cfg.parse(TrainConfig, argv, prog="retriever train")
-    from retriever.training.run import output_url, train
+    from retriever.training.run import output_url, print_step, train
 
     print(f"training {config.model} ({config.strategy}, {config.num_workers} workers) -> "
           f"{output_url(config)}", flush=True)
-    result = train(config)
+    result = train(config, progress=print_step)
     if result.error:
         print(f"retriever train: failed: {result.error}", file=sys.stderr)
         return 1

@@ -7,6 +7,10 @@ queries' positives and negatives (in-batch negatives). With ``gather=True`` pass
 worker join the candidate set through an autograd-aware all_gather, so the number of negatives
 grows with the number of workers while gradients still flow to the local encoder.
 
+When a query appears more than once in a batch (one item per (query, positive) pair), its other
+positives would count as negatives; ``query_keys`` (an integer id per query) masks them out of
+the candidate set, as Tevatron and sentence-transformers' CachedMNRL do for duplicates.
+
 Layout: ``passages`` holds ``group_size`` rows per query, the positive first, then
 ``group_size - 1`` hard negatives; the target for query ``i`` is row ``i * group_size``.
 """
@@ -27,12 +31,24 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
+def gather_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Concatenate an integer tensor from all ranks (no gradient)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys
+    out = [torch.zeros_like(keys) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, keys.contiguous())
+    return torch.cat(out, dim=0)
+
+
 def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
-             group_size: int | None = None, gather: bool = False) -> torch.Tensor:
+             group_size: int | None = None, gather: bool = False,
+             query_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of each query's positive against all candidates.
 
     ``queries``: [B, d]; ``passages``: [B * group_size, d]. Vectors are compared by dot
     product, which is cosine similarity when they are L2-normalised (the Encoder's default).
+    ``query_keys``: [B] integer ids; another group's positive whose query has the same id is
+    not a negative and is left out.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -52,6 +68,14 @@ def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float =
         passages = gather_with_grad(passages)
         if dist.is_available() and dist.is_initialized():
             offset = dist.get_rank() * n_queries  # every rank has the same batch size
-    scores = queries @ passages.T / temperature
+    scores = (queries @ passages.T / temperature).float()
     targets = (torch.arange(n_queries, device=queries.device) + offset) * group_size
-    return F.cross_entropy(scores.float(), targets)
+    if query_keys is not None:
+        all_keys = gather_keys(query_keys) if gather else query_keys
+        slot_keys = all_keys.repeat_interleave(group_size)  # the query id of every candidate
+        is_positive = torch.arange(passages.size(0), device=queries.device) % group_size == 0
+        same_query = query_keys[:, None] == slot_keys[None, :]
+        mask = same_query & is_positive[None, :]
+        mask[torch.arange(n_queries), targets] = False
+        scores = scores.masked_fill(mask, float("-inf"))
+    return F.cross_entropy(scores, targets)

@@ -37,3 +37,24 @@ def test_info_nce_rejects_bad_shapes_and_temperature():
         info_nce(q, p)
     with pytest.raises(ValueError, match="temperature"):
         info_nce(q, torch.randn(6, 4), temperature=0)
+
+
+def test_info_nce_masks_the_same_querys_other_positives():
+    # Two items of one query (key 7, e.g. one per relevant doc) and one of another (key 9).
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0],     # item 0: its positive, a negative
+                      [0.9, 0.1], [0.5, 0.5],     # item 1: the same query's other positive
+                      [0.0, 1.0], [0.8, 0.6]])    # item 2: another query
+    t = 0.5
+    keys = torch.tensor([7, 7, 9])
+    scores = (q @ p.T / t).tolist()
+
+    def nll(row, target, excluded):
+        kept = [s for j, s in enumerate(scores[row]) if j not in excluded]
+        return -scores[row][target] + math.log(sum(math.exp(s) for s in kept))
+
+    # query 0 may not be pushed away from row 2, query 1 not from row 0; query 2 keeps all
+    expected = (nll(0, 0, {2}) + nll(1, 2, {0}) + nll(2, 4, set())) / 3
+    assert info_nce(q, p, t, 2, query_keys=keys).item() == pytest.approx(expected, rel=1e-6)
+    assert info_nce(q, p, t, 2, query_keys=torch.tensor([1, 2, 3])).item() == pytest.approx(
+        info_nce(q, p, t, 2).item(), rel=1e-6)  # distinct queries: nothing masked

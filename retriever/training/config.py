@@ -82,6 +82,10 @@ class TrainConfig:
     passage_prefix: str | None = None
     query_max_length: int | None = None
     passage_max_length: int | None = None
+    export_passage_max_length: int | None = field(default=None, metadata={
+        "help": "passage max length written into the exported model's settings, i.e. used when "
+                "it encodes (default: the training length); training on shorter passages than "
+                "are encoded is a cheap speed trade-off"})
     # ---------------------------------------------------------------- checkpoints and export
     checkpoint_every: int = field(default=100, metadata={
         "help": "steps between checkpoints (one is always written at the end)"})
@@ -135,7 +139,8 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("out", "run_id", "max_failures", "checkpoint_every", "keep_checkpoints",
                          "export", "merge", "placement_strategy", "cpus_per_worker", "use_gpu",
                          "epochs", "max_steps", "zero3_persistence_threshold",
-                         "zero3_max_live_parameters", "worker_env")
+                         "zero3_max_live_parameters", "worker_env",
+                         "export_passage_max_length")
 
     def essential(self) -> dict:
         """The settings that must stay the same for a run to be resumed."""

@@ -96,6 +96,27 @@ def _mean_across(value: torch.Tensor) -> float:
     return float(value)
 
 
+def export_defaults(texts, config: TrainConfig):
+    """The embedding settings the exported model carries: the training ones, but for an
+    explicit ``export_passage_max_length``."""
+    import dataclasses
+
+    defaults = texts.defaults()
+    if config.export_passage_max_length:
+        defaults = dataclasses.replace(defaults,
+                                       passage_max_length=config.export_passage_max_length)
+    return defaults
+
+
+def query_keys(query_ids: list[str], device: torch.device) -> torch.Tensor:
+    """A stable 63-bit integer per query id (the same on every worker), for the loss's mask."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.blake2b(q.encode(), digest_size=8).digest(),
+                                        "little") >> 1 for q in query_ids],
+                        dtype=torch.long, device=device)
+
+
 def _gather_ints(values: list[int]) -> list[list[int]]:
     return _gather(values, torch.long)
 
@@ -251,7 +272,8 @@ def train_loop_per_worker(payload: dict) -> None:
         directory = tempfile.mkdtemp(prefix="ckpt-") if rank == 0 else None
         try:
             if rank == 0:
-                write_adapter(directory, peft_model, weights, texts.defaults(), base_ref)
+                write_adapter(directory, peft_model, weights, export_defaults(texts, config),
+                              base_ref)
                 write_state(directory, optimizer_state, state_payload(step))
             ray.train.report(metrics, checkpoint=(ray.train.Checkpoint.from_directory(directory)
                                                   if rank == 0 else None))
@@ -278,7 +300,8 @@ def train_loop_per_worker(payload: dict) -> None:
                 q_vectors, p_vectors = engine(q["input_ids"], q["attention_mask"],
                                               p["input_ids"], p["attention_mask"])
                 loss = info_nce(q_vectors, p_vectors, config.temperature, group,
-                                gather=config.gather_negatives and world > 1)
+                                gather=config.gather_negatives and world > 1,
+                                query_keys=query_keys(batch.query_ids, device))
                 engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float().cpu()
@@ -320,7 +343,7 @@ def export(out: str, peft_model, weights: dict, texts, resolved, base_ref: str,
 
     from retriever.training.export import merge_adapter, upload_dir, write_adapter
 
-    defaults = texts.defaults()
+    defaults = export_defaults(texts, config)
     provenance = {"train_data": state["train_data"], "fingerprint": config.fingerprint(),
                   "steps": state["total_steps"]}
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:

@@ -108,7 +108,30 @@ def cluster_has_gpus(count: int) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= count
 
 
-def build_trainer(config: TrainConfig, out: str, train_data: str):
+def progress_callback(queue):
+    """A Ray Train callback (it runs in the controller actor) that puts a short summary of
+    every step's report on ``queue`` (a ``ray.util.queue.Queue``) for the driver to show."""
+    from ray.train import UserCallback
+
+    class StepProgress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = metrics[0] if metrics else {}
+            if "step" in first:
+                queue.put_nowait({k: first.get(k) for k in
+                                  ("step", "total_steps", "loss", "lr", "samples_per_s",
+                                   "resumed_from")} | {"checkpoint": checkpoint is not None})
+
+    return StepProgress()
+
+
+def print_step(step: dict) -> None:
+    """The default progress line for :func:`train` (``progress=print_step``)."""
+    print(f"      step {step['step']}/{step['total_steps']}  loss {step['loss']:.4f}  "
+          f"lr {step['lr']:.2e}  {step['samples_per_s']:.1f} queries/s"
+          + ("  [checkpoint]" if step["checkpoint"] else ""), flush=True)
+
+
+def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -140,7 +163,7 @@ def build_trainer(config: TrainConfig, out: str, train_data: str):
             name=RAY_RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": env}),
+            worker_runtime_env={"env_vars": env}, callbacks=list(callbacks)),
     )
 
 
@@ -161,13 +184,40 @@ def check_resumable(config: TrainConfig, out: str) -> None:
             return
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) training; returns the run folder, its manifest and the last metrics."""
+def train(config: TrainConfig, progress=None) -> TrainResult:
+    """Run (or resume) training; returns the run folder, its manifest and the last metrics.
+
+    ``progress``: called in this process with each step's summary (see :func:`print_step`).
+    """
+    import threading
+
     out = output_url(config)
     train_data = resolve_train_data(config.train_data)
     check_resumable(config, out)
-    trainer = build_trainer(config, out, train_data)
-    result = trainer.fit()
+    if progress is None:
+        result = build_trainer(config, out, train_data).fit()
+    else:
+        from ray.util.queue import Empty, Queue
+
+        queue, finished = Queue(maxsize=10_000, actor_options={"num_cpus": 0}), \
+            threading.Event()
+
+        def drain():
+            while not finished.is_set() or not queue.empty():
+                try:
+                    progress(queue.get(timeout=0.5))
+                except Empty:
+                    pass
+
+        reader = threading.Thread(target=drain, name="train-progress", daemon=True)
+        reader.start()
+        try:
+            result = build_trainer(config, out, train_data,
+                                   callbacks=[progress_callback(queue)]).fit()
+        finally:
+            finished.set()
+            reader.join(timeout=10)
+            queue.shutdown()
     manifest_url = store.join(out, "manifest.json")
     manifest = store.read_json(manifest_url) if config.export and store.exists(manifest_url) \
         else None

@@ -1,0 +1,52 @@
+"""The README's main job, end to end on Cranfield (a shorter training run than the default)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from retriever.cluster import free_port
+from tests.helpers import REPO, dataset
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_demo_runs_every_stage_and_prints_the_table_and_a_served_answer(tmp_path):
+    store_root = tmp_path / "store"
+    env = dict(os.environ, RETRIEVER_STORE=str(store_root))
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    command = [sys.executable, "-m", "jobs.demo", "--dataset", dataset("cranfield"),
+               "--epochs", "0.25", "--serve", "check", "--port", str(port)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=1100)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("[1/5] split", "[2/5] mine", "[3/5] fine-tune", "[4/5] evaluate",
+                  "[5/5] serve"):
+        assert stage in out, stage
+    assert "{'test': 75, 'train': 150} queries" in out
+    assert re.search(r"step \d+/\d+  loss \d", out), "no training progress"
+    table = re.search(r"\| cranfield-heldout \|(.+)\|", out)
+    assert table, out[-2000:]
+    assert out.count("| cranfield-heldout |") == 1
+    assert f"search page: http://127.0.0.1:{port}/" in out
+    assert "curl -s" in out and re.search(r"^\s+1\. +\S+ +\d\.\d{3}", out, re.M)
+    # every stage left its artefacts in the store
+    matrix = store_root / "evals" / "demo-cranfield-s0"
+    assert (matrix / "report.html").exists() and (matrix / "ndcg.png").exists()
+    metrics = {m: json.loads((matrix / m / "cranfield-heldout" / "metrics.json").read_text())
+               for m in ("bm25", "minilm", "minilm-lora")}
+    assert all(m["counts"]["queries"] == 75 for m in metrics.values())
+    provenance = json.loads((matrix / "minilm-lora" / "cranfield-heldout" /
+                             "provenance.json").read_text())
+    assert "merged" in provenance["model"] and provenance["settings"]["shards"] == 2
+
+    again = subprocess.run(command[:-4] + ["--serve", "off"], capture_output=True, text=True,
+                           cwd=REPO, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("(reused)") == 3  # the three evaluations
+    assert "reusing the finished run" in again.stdout  # and the training
