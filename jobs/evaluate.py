@@ -153,7 +153,8 @@ def write_report(config: MatrixConfig, records: list[RunRecord], out: str) -> st
         other = {ds: {m: Cell(next(r.metrics[metric] for r in records
                                    if r.dataset == ds and r.model == m)) for m in row}
                  for ds, row in results.items()}
-        tables.append((metric.upper(), markdown_table(other, models, metric)))
+        tables.append(({"mrr@10": "MRR@10", "recall@100": "Recall@100"}[metric],
+                       markdown_table(other, models, metric)))
     rows = []
     for record in records:
         provenance = store.read_json(store.join(record.folder, "provenance.json"))

@@ -109,13 +109,17 @@ def bar_chart_png(results: Results, models: list[str], metric: str = "ndcg@10") 
     for i, model in enumerate(models):
         xs = [d + (i - (len(models) - 1) / 2) * width for d in range(len(datasets))]
         ys = [results[ds][model].value if model in results[ds] else 0.0 for ds in datasets]
-        ax.bar(xs, ys, width=width * 0.95, label=model)
+        bars = ax.bar(xs, ys, width=width * 0.95, label=model)
+        # values on the bars: differences between models are often a few points
+        ax.bar_label(bars, labels=[f"{y:.3f}" if model in results[ds] else ""
+                                   for y, ds in zip(ys, datasets)],
+                     fontsize=7 if len(models) <= 3 else 6, rotation=90, padding=2)
     ax.set_xticks(range(len(datasets)))
     ax.set_xticklabels(datasets, rotation=20 if len(datasets) > 5 else 0, ha="center")
     ax.set_xlabel("dataset")
-    ax.set_ylabel(metric.upper().replace("@", "@"))
+    ax.set_ylabel(metric.upper().replace("RECALL", "Recall"))
     ax.set_ylim(0, 1)
-    ax.set_title(f"{metric} per dataset and model")
+    ax.set_title(f"{metric.upper().replace('RECALL', 'Recall')} per dataset and model")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="model", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
@@ -127,20 +131,23 @@ def bar_chart_png(results: Results, models: list[str], metric: str = "ndcg@10") 
 
 def _markdown_to_html_table(markdown: str) -> str:
     rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    # the |---|---:| rule says which columns are numbers (right-aligned)
+    rule = [c.strip() for c in rows[1].strip("|").split("|")] if len(rows) > 1 else []
     out = ["<table>"]
     for index, line in enumerate(rows):
         if index == 1:
-            continue  # the |---| rule
+            continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         tag = "th" if index == 0 else "td"
         rendered = []
-        for cell in cells:
+        for column, cell in enumerate(cells):
+            align = "right" if column < len(rule) and rule[column].endswith(":") else "left"
             text = html.escape(cell)
             if text.startswith("**") and text.endswith("**"):
                 text = f"<b>{text[2:-2]}</b>"
             if text.startswith("*") and text.endswith("*"):
                 text = f"<i>{text[1:-1]}</i>"
-            rendered.append(f"<{tag}>{text}</{tag}>")
+            rendered.append(f"<{tag} class='{align}'>{text}</{tag}>")
         out.append("<tr>" + "".join(rendered) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
@@ -152,7 +159,7 @@ def html_report(title: str, sections: list[tuple[str, str]], images: list[tuple[
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              "</title><style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:.3em .7em;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "padding:.3em .7em}.right{text-align:right}.left{text-align:left}"
              "th{background:#f3f3f3}img{max-width:100%}p.note{color:#555}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     for heading, markdown in sections:
