@@ -12,7 +12,10 @@ and cached as a normal model directory under ``$RETRIEVER_CACHE`` (default
 ``~/.cache/llm-retriever``), so later loads are plain ``from_pretrained`` calls.
 
 A directory may carry ``retriever.json`` (written by the training export) with the encoder
-settings it was trained with; those become its defaults.
+settings it was trained with; those become its defaults. A directory in object storage
+(``s3://.../train/merged`` as a training run on a cluster writes it) is copied once into
+``$RETRIEVER_CACHE/remote/`` and loaded from there; the copy is refreshed when the remote
+listing (names, sizes) changes.
 """
 
 from __future__ import annotations
@@ -214,8 +217,54 @@ def _infer_defaults(path: Path, config: dict) -> EncoderDefaults:
     return EncoderDefaults(pooling="cls", query_max_length=512, passage_max_length=512)
 
 
+def local_copy(url: str) -> Path:
+    """A local copy of the model directory at fsspec ``url`` (downloaded when it changed)."""
+    from retriever import store
+
+    fs, root = store.filesystem(url)
+    fs.invalidate_cache(root)
+    try:
+        files = {info["name"]: int(info.get("size") or 0)
+                 for info in fs.find(root, detail=True).values() if info.get("type") == "file"}
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(f"model {url!r}: cannot list it ({err})") from err
+    if not files:
+        raise ModelNotFound(f"model {url!r}: no such directory (or it is empty)")
+    listing = sorted((name[len(root.rstrip("/")) + 1:], size) for name, size in files.items())
+    target = cache_root() / "remote" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    marker = target / ".listing.json"
+    if marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        for name, _ in listing:
+            destination = staging / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root.rstrip('/')}/{name}", str(destination))
+        (staging / ".listing.json").write_text(json.dumps(listing))
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(staging, target)  # a reader never sees a half-copied model
+        except OSError:
+            if not (marker.exists() and json.loads(marker.read_text()) ==
+                    [list(x) for x in listing]):
+                raise  # not another process's finished copy of the same listing
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def resolve_model(name_or_path: str) -> ResolvedModel:
-    """A packaged name, an HF model directory, or a peft adapter directory."""
+    """A packaged name, an HF model directory, or a peft adapter directory (local path or a
+    URL in object storage)."""
+    from retriever import store
+
+    if store.has_scheme(name_or_path) and not name_or_path.startswith("file://"):
+        resolved = resolve_model(str(local_copy(name_or_path)))
+        return replace(resolved, name=name_or_path)
+    if name_or_path.startswith("file://"):
+        name_or_path = name_or_path[len("file://"):]
     if name_or_path in PACKAGED:
         packaged = PACKAGED[name_or_path]
         path = _packaged_path(packaged)

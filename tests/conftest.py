@@ -2,7 +2,7 @@ import pytest
 
 pytest_plugins = ["tests.s3server"]
 
-# Suites of features still being finished (issues 3-6): their tests run with `-m wip` and stay
+# Suites of features still being finished: their tests run with `-m wip` and stay
 # out of the default run (and CI) until they are green on a clean machine. Remove a file from
 # this set in the commit that makes it green.
 WIP_FILES: set[str] = set()

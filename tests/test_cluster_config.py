@@ -141,6 +141,26 @@ def test_rayjob_structure(manifests, job):
                         scale_from_zero=True)
 
 
+@pytest.mark.parametrize("job", sorted(RAYJOBS))
+def test_rayjob_entrypoint_parses_with_the_jobs_own_options(manifests, job):
+    import dataclasses
+    import importlib
+    import shlex
+
+    from retriever.config import build_parser
+
+    configs = {"train": ("retriever.training.config", "TrainConfig"),
+               "encode": ("jobs.encode", "EncodeConfig"), "index": ("jobs.index", "IndexConfig"),
+               "evaluate": ("jobs.evaluate", "MatrixConfig")}
+    module, name = configs[job]
+    cls = getattr(importlib.import_module(module), name)
+    argv = shlex.split(manifests[job]["spec"]["entrypoint"])[3:]
+    parsed = vars(build_parser(cls, job).parse_args(argv))  # exits on an unknown flag
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    assert parsed.get("config") or all(r in parsed for r in required), (job, required)
+
+
 def test_train_uses_8_gpu_nodes_and_encode_single_gpu(manifests):
     train = _check_cluster_spec(manifests["train"]["spec"]["rayClusterSpec"], "train",
                                 want_gpu=True, scale_from_zero=True)
@@ -164,9 +184,16 @@ def test_rayservice_structure(manifests):
     for d in scaled:
         cfg = d["autoscaling_config"]
         assert 1 <= cfg["min_replicas"] <= cfg["max_replicas"]
-    gpu_deployments = [d for d in app["deployments"]
+    in_code = app["args"].get("deployments", [])  # merged with the code's options
+    gpu_deployments = [d["name"] for d in in_code + app["deployments"]
                        if d.get("ray_actor_options", {}).get("num_gpus", 0) > 0]
-    assert gpu_deployments, "the query encoder asks for a GPU"
+    assert gpu_deployments == ["QueryEncoder"], "the query encoder asks for a GPU"
+    # Serve's list may only name deployments the app has: one ShardSearcher-i per shard
+    names = [d["name"] for d in app["deployments"]]
+    shards = sorted(int(n.rsplit("-", 1)[1]) for n in names if n.startswith("ShardSearcher-"))
+    assert set(names) - {f"ShardSearcher-{i}" for i in shards} <= {"QueryEncoder", "Router"}
+    assert shards == list(range(len(shards))) and shards, names
+    assert "ShardSearcher" not in names  # no such deployment: the generic name is args-only
     _check_cluster_spec(spec["rayClusterConfig"], "search", want_gpu=True, scale_from_zero=False)
     head_ports = {p["containerPort"]
                   for p in spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
