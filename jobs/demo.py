@@ -54,6 +54,16 @@ class DemoConfig:
     port: int = field(default=8000, metadata={"help": "HTTP port of the search app (127.0.0.1)"})
 
 
+def _finished(folder: str, **expected) -> dict | None:
+    """The manifest of an earlier run of a stage into ``folder`` if it was made with the
+    ``expected`` manifest values, else None (the stage runs again and overwrites it)."""
+    url = store.join(folder, "manifest.json")
+    if not store.exists(url):
+        return None
+    manifest = store.read_json(url)
+    return manifest if all(manifest.get(k) == v for k, v in expected.items()) else None
+
+
 def _stage(number: int, title: str) -> float:
     print(f"\n[{number}/5] {title}", flush=True)
     return time.time()
@@ -141,22 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     t = _stage(1, f"split {name}'s judged queries (test fraction {config.test_fraction:.2f}, "
                   f"seed {config.seed})")
     split_out = store.join(root, "datasets", f"{name}-split-s{config.seed}")
-    if store.exists(store.join(split_out, "manifest.json")):
-        manifest = store.read_json(store.join(split_out, "manifest.json"))
-    else:
-        manifest = split.run(split.SplitConfig(dataset=config.dataset, seed=config.seed,
-                                               test_fraction=config.test_fraction,
-                                               out=split_out))
+    split_config = split.SplitConfig(dataset=config.dataset, seed=config.seed,
+                                     test_fraction=config.test_fraction, out=split_out)
+    manifest = _finished(split_out, settings=cfg.to_dict(split_config)) or \
+        split.run(split_config)
     counts = {k: v["queries"] for k, v in manifest["counts"].items()}
     _done(t, f"{counts} queries -> {split_out}")
 
     t = _stage(2, "mine hard negatives for the train queries (BM25 + dense MiniLM)")
     mined_out = store.join(root, "mined", f"{name}-split-s{config.seed}-train-minilm")
-    if store.exists(store.join(mined_out, "manifest.json")):
-        mined = store.read_json(store.join(mined_out, "manifest.json"))
-    else:
-        mined = mine.run(mine.MineConfig(dataset=split_out, split="train", out=mined_out,
-                                         seed=config.seed))
+    mined = _finished(mined_out, dataset=split_out) or mine.run(
+        mine.MineConfig(dataset=split_out, split="train", out=mined_out, seed=config.seed))
     _done(t, f"{mined['count']} examples -> {mined_out}")
 
     t = _stage(3, f"fine-tune {config.model} + LoRA ({config.strategy}, {config.num_workers} "
@@ -164,10 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     train_config = training_config(config, mined_out, out=None)
     train_config.out = store.join(root, "runs", f"demo-{name}-{config.model}-"
                                                 f"{train_config.fingerprint()}", "train")
-    finished = store.join(train_config.out, "manifest.json")
-    if store.exists(finished) and \
-            store.read_json(finished).get("fingerprint") == train_config.fingerprint():
-        trained = store.read_json(finished)
+    trained = _finished(train_config.out, fingerprint=train_config.fingerprint())
+    if trained:
         print(f"      reusing the finished run {train_config.out}", flush=True)
     else:
         result = train(train_config, progress=print_step)

@@ -233,7 +233,11 @@ def local_copy(url: str) -> Path:
     listing = sorted((name[len(root.rstrip("/")) + 1:], size) for name, size in files.items())
     target = cache_root() / "remote" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     marker = target / ".listing.json"
-    if marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]:
+
+    def current() -> bool:  # the local copy is of this listing
+        return marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]
+
+    if current():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
@@ -247,8 +251,7 @@ def local_copy(url: str) -> Path:
         try:
             os.replace(staging, target)  # a reader never sees a half-copied model
         except OSError:
-            if not (marker.exists() and json.loads(marker.read_text()) ==
-                    [list(x) for x in listing]):
+            if not current():
                 raise  # not another process's finished copy of the same listing
     finally:
         shutil.rmtree(staging, ignore_errors=True)

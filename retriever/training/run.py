@@ -199,8 +199,8 @@ def train(config: TrainConfig, progress=None) -> TrainResult:
     else:
         from ray.util.queue import Empty, Queue
 
-        queue, finished = Queue(maxsize=10_000, actor_options={"num_cpus": 0}), \
-            threading.Event()
+        queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        finished = threading.Event()
 
         def drain():
             while not finished.is_set() or not queue.empty():
