@@ -39,6 +39,10 @@ class ServeConfig:
         "help": "per-shard timeout in seconds; unset: the serve config's, else 2.0"})
     max_top_k: int | None = field(default=None, metadata={
         "help": "largest top_k accepted; unset: the serve config's, else 1000"})
+    shards_per_searcher: int | None = field(default=None, metadata={
+        "help": "shards one ShardSearcher deployment holds; unset: the serve config's, else "
+                "all of them on a new local Ray (one machine: one searcher answers fastest), "
+                "1 on a cluster"})
     serve_config: str | None = field(default=None, metadata={
         "help": "Serve config YAML: its first application's args and deployments"})
     ray_address: str | None = field(default=None, metadata={
@@ -58,13 +62,24 @@ def app_args(config: ServeConfig) -> dict:
         args.update(apps[0].get("args") or {})
         # Serve's own per-deployment list comes after (and so wins over) args.deployments.
         args["deployments"] = [*args.get("deployments", []), *apps[0].get("deployments", [])]
-    for name in ("index", "docs", "model", "timeout_s", "max_top_k"):
+    for name in ("index", "docs", "model", "timeout_s", "max_top_k", "shards_per_searcher"):
         value = getattr(config, name)
         if value is not None:
             args[name] = value
     if not args.get("index"):
         raise InputError("--index is required (or an 'index' arg in --serve-config)")
     return args
+
+
+def single_machine_layout(args: dict) -> dict:
+    """On one machine, unless told otherwise, one ShardSearcher holds every shard: a Serve
+    call per searcher costs more than FAISS on one shard, and the cores are shared anyway
+    (``benchmarks/search_latency.py``: 4 shards in 4 searchers vs 1 on 2 cores)."""
+    from retriever import shards as sh
+
+    if args.get("shards_per_searcher") is not None:
+        return args
+    return {**args, "shards_per_searcher": len(sh.read_manifest(args["index"])["shards"])}
 
 
 def start(config: ServeConfig) -> str:
@@ -74,9 +89,13 @@ def start(config: ServeConfig) -> str:
 
     from serve.app import LOW_LATENCY_ENV, build_app
 
-    app = build_app(app_args(config))  # reads the manifest: bad input fails before Ray starts
-    if not ray.is_initialized():
-        address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    args = app_args(config)
+    address = None if ray.is_initialized() else (
+        config.ray_address or os.environ.get("RAY_ADDRESS") or "local")
+    if address == "local":
+        args = single_machine_layout(args)
+    app = build_app(args)  # reads the manifest: bad input fails before Ray starts
+    if address is not None:
         if address == "local":  # a new local cluster: its proxy gets the latency switches too
             for name, value in LOW_LATENCY_ENV.items():
                 os.environ.setdefault(name, value)

@@ -532,3 +532,12 @@ def search_all(shards: Sequence[Shard], queries: np.ndarray, k: int) -> list[lis
     """Every shard's top-k merged into the global top-k (what the serve router does)."""
     per_shard = [shard.search(queries, k) for shard in shards]
     return [merge(rows, k) for rows in zip(*per_shard)]
+
+
+def group_numbers(shards: int, per_group: int) -> list[list[int]]:
+    """Shard numbers 0..shards-1 dealt in order to groups of ``per_group`` (the last may be
+    smaller): the shards each searcher of a serving app holds."""
+    if per_group < 1:
+        raise InputError(f"shards per searcher must be >= 1, got {per_group}")
+    return [list(range(start, min(start + per_group, shards)))
+            for start in range(0, shards, per_group)]

@@ -13,9 +13,11 @@ Endpoints::
     GET  /info     model, shards, rows, dims, index type, search parameters
     GET  /         a small search page that calls POST /search
 
-Every shard is asked concurrently, each under its own timeout; a shard that errs or does not
-answer in time is left out and named (``"partial": true``, ``"missing_shards"``,
-``"errors"``): a shard failure never turns into a 5xx. Bad requests get a 4xx whose
+The shards are held by searchers (``shard_groups``: one ShardSearcher deployment per group,
+usually one shard each). Every searcher is asked concurrently, each under its own timeout; the
+shards of a searcher that errs or does not answer in time are left out and named
+(``"partial": true``, ``"missing_shards"``, ``"errors"``): a shard failure never turns into a
+5xx. Bad requests get a 4xx whose
 ``detail`` says what is wrong: 400 (not JSON / not an object), 413 (body or query too large),
 422 (missing, unknown or mistyped fields, empty query, top_k out of range, wrong vector
 dimension). When ``RETRIEVER_API_TOKEN`` is set every endpoint but ``/healthz`` wants
@@ -70,10 +72,12 @@ class Backend(Protocol):
 
     dim: int
     shard_names: Sequence[str]
+    shard_groups: Sequence[Sequence[str]]  # the shard names each searcher holds
 
     async def encode(self, text: str) -> np.ndarray: ...
 
-    def search_shard(self, number: int, vector: np.ndarray, k: int) -> Awaitable[list[Hit]]: ...
+    def search_group(self, number: int, vector: np.ndarray, k: int) -> Awaitable[list[Hit]]:
+        """The merged top-k of the shards in group ``number``."""
 
     def info(self) -> dict: ...
 
@@ -306,10 +310,13 @@ def make_api(backend: Backend, settings: ApiSettings | None = None) -> FastAPI:
             except Exception as err:  # noqa: BLE001
                 return _json({"detail": f"the query encoder failed: {type(err).__name__}"}, 503)
         k = parsed.top_k
-        names = list(backend.shard_names)
-        calls = [lambda n=n: backend.search_shard(n, vector, k) for n in range(len(names))]
-        answers, errors = await fan_out(calls, names, settings.timeout_s)
-        hits = merge((answers[n] for n in names if n in answers), k)
+        groups = backend.shard_groups
+        labels = [str(g) for g in range(len(groups))]
+        calls = [lambda g=g: backend.search_group(g, vector, k) for g in range(len(groups))]
+        answers, failures = await fan_out(calls, labels, settings.timeout_s)
+        hits = merge((answers[label] for label in labels if label in answers), k)
+        errors = {name: failures[label]
+                  for label, names in zip(labels, groups) if label in failures for name in names}
         out = []
         for rank, (doc_id, score) in enumerate(hits, start=1):
             hit = {"rank": rank, "doc_id": doc_id,
@@ -318,9 +325,10 @@ def make_api(backend: Backend, settings: ApiSettings | None = None) -> FastAPI:
             if doc is not None:
                 hit["title"], hit["text"] = doc
             out.append(hit)
-        missing = [n for n in names if n in errors]
+        missing = [n for n in backend.shard_names if n in errors]
         return _json({"hits": out, "top_k": k, "partial": bool(missing),
-                      "missing_shards": missing, "errors": errors, "shards": len(names),
+                      "missing_shards": missing, "errors": errors,
+                      "shards": len(backend.shard_names),
                       "took_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     return app

@@ -3,15 +3,23 @@ RayService ``import_path``).
 
 ``build_app(args)`` reads the index manifest, takes the query encoder's settings from the
 embeddings the index was built from (``source.encoder``; ``model`` overrides the model), and
-binds QueryEncoder, one ShardSearcher per shard (``ShardSearcher-0`` ..) and the Router
-ingress. ``args`` (see :class:`AppArgs`): ``index`` (required), ``model``, ``docs``,
-``timeout_s``, ``max_top_k``, ``max_query_chars``, ``encoder_batch_size``,
-``encoder_batch_wait_s``, ``gpu``, ``access_log``, ``low_latency`` and ``deployments``:
-Serve-style per-deployment options
-(``name``, ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``,
-``max_ongoing_requests``, ...) applied in code; the name ``ShardSearcher`` applies to every
-shard, ``ShardSearcher-<n>`` to one. Options in a Serve config's own ``deployments:`` list
-override these in the usual Serve way (there, shards must be named one by one).
+binds QueryEncoder, one ShardSearcher per group of ``shards_per_searcher`` shards
+(``ShardSearcher-0`` ..; one shard each by default) and the Router ingress. ``args`` (see
+:class:`AppArgs`): ``index`` (required), ``model``, ``docs``, ``timeout_s``, ``max_top_k``,
+``max_query_chars``, ``encoder_batch_size``, ``encoder_batch_wait_s``, ``gpu``,
+``shards_per_searcher``, ``access_log``, ``low_latency`` and ``deployments``: Serve-style
+per-deployment options (``name``, ``num_replicas``, ``autoscaling_config``,
+``ray_actor_options``, ``max_ongoing_requests``, ...) applied in code; the name
+``ShardSearcher`` applies to every searcher, ``ShardSearcher-<g>`` to one. Options in a Serve
+config's own ``deployments:`` list override these in the usual Serve way (there, searchers
+must be named one by one).
+
+Grouping shards: a Router -> ShardSearcher call costs a Serve request (~4 ms of CPU on the
+2-core development machine), so fanning out to more searchers than there are cores to run
+them in parallel adds latency instead of removing it. One searcher per node (or per GPU),
+holding that node's shards and searching them in one FAISS call per shard, is the usual
+layout; ``shards_per_searcher: N`` on an N-shard index puts all shards in one searcher, the
+fastest layout on a single machine (``benchmarks/search_latency.py`` measures both).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class AppArgs:
     encoder_batch_size: int = 32
     encoder_batch_wait_s: float = 0.005
     gpu: str = "auto"  # FAISS on GPU for flat shards: auto | yes | no
+    shards_per_searcher: int = 1  # shards held (and searched in one call) by one ShardSearcher
     access_log: bool = False  # a log line per request in every replica (costs latency)
     low_latency: bool = True  # LOW_LATENCY_ENV in every replica's runtime_env
     deployments: list[dict] = field(default_factory=list)
@@ -72,6 +81,13 @@ class AppArgs:
                 if text not in ("true", "false", "1", "0", "yes", "no"):
                     raise InputError(f"serve app: {name}={values[name]!r} is not true/false")
                 values[name] = text in ("true", "1", "yes")
+        if "shards_per_searcher" in values:
+            given = values["shards_per_searcher"]
+            text = str(given).strip()
+            if isinstance(given, (bool, float)) or not text.isdigit() or int(text) < 1:
+                raise InputError(f"serve app: shards_per_searcher={given!r} must be an "
+                                 "integer >= 1")
+            values["shards_per_searcher"] = int(text)
         for name, kind in (("timeout_s", float), ("max_top_k", int), ("max_query_chars", int),
                            ("encoder_batch_size", int), ("encoder_batch_wait_s", float)):
             if name in values:  # `serve run ... key=value` passes strings
@@ -95,8 +111,11 @@ def encoder_config(manifest: dict, model: str | None = None) -> dict:
     return config
 
 
-def index_info(manifest: dict, model: str) -> dict:
-    return {"model": model, "shards": len(manifest["shards"]), "rows": manifest["rows"],
+def index_info(manifest: dict, model: str, groups: list[list[int]] | None = None) -> dict:
+    groups = groups or sh.group_numbers(len(manifest["shards"]), 1)
+    return {"model": model, "shards": len(manifest["shards"]),
+            "searchers": [[f"shard-{n}" for n in group] for group in groups],
+            "rows": manifest["rows"],
             "rows_per_shard": [s["rows"] for s in manifest["shards"]],
             "dims": manifest["dim"], "index_type": manifest["type"],
             "factory": manifest["factory"], "metric": manifest["metric"],
@@ -104,17 +123,17 @@ def index_info(manifest: dict, model: str) -> dict:
             "recall": manifest.get("recall")}
 
 
-def _options(deployments: list[dict], shard_count: int) -> dict[str, dict]:
+def _options(deployments: list[dict], searchers: int) -> dict[str, dict]:
     known = {"QueryEncoder", "Router", "ShardSearcher",
-             *(f"ShardSearcher-{n}" for n in range(shard_count))}
+             *(f"ShardSearcher-{n}" for n in range(searchers))}
     by_name: dict[str, dict] = {}
     for entry in deployments:
         entry = dict(entry)
         name = entry.pop("name", None)
         if name not in known:
             raise InputError(f"serve app: deployment options for {name!r}: the app has "
-                             f"QueryEncoder, Router and ShardSearcher-0..{shard_count - 1} "
-                             "('ShardSearcher' = every shard)")
+                             f"QueryEncoder, Router and ShardSearcher-0..{searchers - 1} "
+                             "('ShardSearcher' = every searcher)")
         bad = sorted(set(entry) - DEPLOYMENT_OPTIONS)
         if bad:
             raise InputError(f"serve app: deployment {name}: unknown option(s) "
@@ -142,17 +161,17 @@ def build_app(args: dict[str, Any]):
     app_args = AppArgs.from_dict(dict(args))
     manifest = sh.read_manifest(app_args.index)
     encoder = encoder_config(manifest, app_args.model)
-    count = len(manifest["shards"])
-    options = _options(app_args.deployments, count)
+    groups = sh.group_numbers(len(manifest["shards"]), app_args.shards_per_searcher)
+    options = _options(app_args.deployments, len(groups))
     logs = {"logging_config": {"enable_access_log": bool(app_args.access_log)}}
     env = LOW_LATENCY_ENV if app_args.low_latency else {}
-    shard_apps = []
-    for number in range(count):
+    searcher_apps = []
+    for number, group in enumerate(groups):
         opts = {**logs, **options.get("ShardSearcher", {}),
                 **options.get(f"ShardSearcher-{number}", {})}
-        shard_apps.append(ShardSearcher.options(name=f"ShardSearcher-{number}",
-                                                **_with_defaults(ShardSearcher, opts, env))
-                          .bind(app_args.index, number, app_args.gpu))
+        searcher_apps.append(ShardSearcher.options(name=f"ShardSearcher-{number}",
+                                                   **_with_defaults(ShardSearcher, opts, env))
+                             .bind(app_args.index, group, app_args.gpu))
     opts = {**logs, **options.get("QueryEncoder", {})}
     encoder_app = QueryEncoder.options(**_with_defaults(QueryEncoder, opts, env)).bind(
         encoder, app_args.encoder_batch_size, app_args.encoder_batch_wait_s)
@@ -160,5 +179,5 @@ def build_app(args: dict[str, Any]):
                     "max_query_chars": app_args.max_query_chars}
     opts = {**logs, **options.get("Router", {})}
     return Router.options(**_with_defaults(Router, opts, env)).bind(
-        encoder_app, shard_apps, index_info(manifest, encoder["model"]), api_settings,
-        app_args.docs)
+        encoder_app, searcher_apps, groups, index_info(manifest, encoder["model"], groups),
+        api_settings, app_args.docs)

@@ -2,9 +2,10 @@
 
 - ``QueryEncoder`` embeds query text with the encoder settings the index was built with;
   concurrent requests are batched by ``@serve.batch``.
-- ``ShardSearcher`` loads one shard (FAISS file + id map) from the store (local path or any
-  fsspec URL such as s3://) and answers top-k in trec_eval order. The app binds it once per
-  shard under the names ``ShardSearcher-0 .. ShardSearcher-{N-1}``.
+- ``ShardSearcher`` loads its shards (FAISS file + id map each; one shard unless the app
+  groups them) from the store (local path or any fsspec URL such as s3://) and answers their
+  merged top-k in trec_eval order. The app binds it once per group under the names
+  ``ShardSearcher-0 .. ShardSearcher-{G-1}``.
 - ``Router`` is the FastAPI ingress (``serve/api.py``): it encodes the query (or takes the
   vector), fans out to every shard concurrently with a per-shard timeout, merges the top-k
   and, when a doc store is configured, adds title and text.
@@ -98,27 +99,33 @@ class QueryEncoder:
 @serve.deployment(name="ShardSearcher", ray_actor_options={"num_cpus": 0.1},
                   max_ongoing_requests=64)
 class ShardSearcher:
-    """One shard of the index, loaded from the store."""
+    """One group of the index's shards (usually one shard), loaded from the store."""
 
-    def __init__(self, index_url: str, number: int, gpu: str = "auto"):
+    def __init__(self, index_url: str, numbers: Sequence[int], gpu: str = "auto"):
         import faiss
 
-        from retriever.shards import Shard
+        from retriever.shards import Shard, read_manifest
 
         faiss.omp_set_num_threads(_assigned_cpus())
         if gpu == "auto":  # only a GPU Ray gave this replica
             gpu = "yes" if _assigned_gpus() else "no"
-        self.shard = Shard.load(index_url, number, gpu=gpu)
-        log.info("loaded %s of %s: %d rows", self.shard.name, index_url, len(self.shard))
+        manifest = read_manifest(index_url)
+        self.shards = [Shard.load(index_url, n, manifest, gpu=gpu) for n in numbers]
+        log.info("loaded %s of %s: %d rows", ", ".join(s.name for s in self.shards), index_url,
+                 sum(len(s) for s in self.shards))
 
     async def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k for each row of ``vectors`` [n, dim] (the Router batches queries)."""
+        """Merged top-k of this group's shards for each row of ``vectors`` [n, dim] (the
+        Router batches queries)."""
+        from retriever.shards import search_all
+
         # On the replica's event loop, not a thread pool: a few queries are a short FAISS
         # call (threads given to FAISS, not to Python); a thread hop costs more than it saves.
-        return self.shard.search(vectors, k)
+        return search_all(self.shards, vectors, k)
 
     def info(self) -> dict:
-        return {"name": self.shard.name, "rows": len(self.shard), "dim": self.shard.dim}
+        return {"shards": [s.name for s in self.shards],
+                "rows": sum(len(s) for s in self.shards), "dim": self.shards[0].dim}
 
 
 def load_docs(url: str) -> dict[str, tuple[str, str]]:
@@ -145,14 +152,16 @@ def load_docs(url: str) -> dict[str, tuple[str, str]]:
 class Router:
     """The HTTP ingress: validation, auth, fan-out, merge (see ``serve/api.py``)."""
 
-    def __init__(self, encoder: DeploymentHandle, shards: Sequence[DeploymentHandle],
-                 info: dict, api_settings: dict, docs: str | None = None):
+    def __init__(self, encoder: DeploymentHandle, searchers: Sequence[DeploymentHandle],
+                 groups: Sequence[Sequence[int]], info: dict, api_settings: dict,
+                 docs: str | None = None):
         self.encoder = encoder
-        self.shards = list(shards)
-        self.shard_names = [f"shard-{n}" for n in range(len(self.shards))]
+        self.searchers = list(searchers)
+        self.shard_groups = [[f"shard-{n}" for n in group] for group in groups]
+        self.shard_names = [name for group in self.shard_groups for name in group]
         timeout = float(api_settings.get("timeout_s", 2.0))
         # method handles made once: `handle.search` builds a new handle on every access
-        searches = [h.options(method_name="search") for h in self.shards]
+        searches = [h.options(method_name="search") for h in self.searchers]
         self.coalescers = [Coalescer(lambda vectors, k, h=h: h.remote(vectors, k),
                                      timeout_s=timeout)
                            for h in searches]
@@ -170,7 +179,7 @@ class Router:
     async def encode(self, text: str) -> np.ndarray:
         return await self.encode_handle.remote(text)
 
-    def search_shard(self, number: int, vector: np.ndarray, k: int):
+    def search_group(self, number: int, vector: np.ndarray, k: int):
         return self.coalescers[number].search(vector, k)
 
     def info(self) -> dict:

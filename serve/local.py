@@ -17,7 +17,7 @@ from retriever.ranking import Hit
 
 class LocalBackend:
     def __init__(self, index: str, model: str | None = None, docs: str | None = None,
-                 gpu: str = "auto", encoder=None):
+                 gpu: str = "auto", encoder=None, shards_per_searcher: int = 1):
         from serve.app import encoder_config, index_info
         from serve.deployments import load_docs
 
@@ -25,12 +25,14 @@ class LocalBackend:
         self.shards = [sh.Shard.load(index, n, self.manifest, gpu)
                        for n in range(len(self.manifest["shards"]))]
         self.shard_names = [s.name for s in self.shards]
+        self.groups = sh.group_numbers(len(self.shards), shards_per_searcher)
+        self.shard_groups = [[self.shard_names[n] for n in group] for group in self.groups]
         self.dim = int(self.manifest["dim"])
         self.encoder_config = encoder_config(self.manifest, model)
         self._encoder = encoder
         self.docs = load_docs(docs) if docs else {}
-        self._info = dict(index_info(self.manifest, self.encoder_config["model"]),
-                          docs=bool(docs))
+        self._info = dict(index_info(self.manifest, self.encoder_config["model"],
+                                     self.groups), docs=bool(docs))
 
     @property
     def encoder(self):
@@ -43,8 +45,9 @@ class LocalBackend:
     async def encode(self, text: str) -> np.ndarray:
         return (await asyncio.to_thread(self.encoder.encode_queries, [text]))[0]
 
-    async def search_shard(self, number: int, vector: np.ndarray, k: int) -> list[Hit]:
-        return self.shards[number].search(vector.reshape(1, -1), k)[0]
+    async def search_group(self, number: int, vector: np.ndarray, k: int) -> list[Hit]:
+        shards = [self.shards[n] for n in self.groups[number]]
+        return sh.search_all(shards, vector.reshape(1, -1), k)[0]
 
     def info(self) -> dict:
         return self._info

@@ -27,6 +27,7 @@ from retriever import shards as sh
 from retriever.metrics import evaluate
 from retriever.ranking import merge
 from retriever.search import ExactSearcher
+from jobs.serve import APP_NAME
 from serve.api import TOKEN_ENV, Coalescer, fan_out, make_api
 from tests.helpers import REPO, dataset
 from tests.index_fixtures import cache_dir, scifact_minilm
@@ -206,6 +207,30 @@ def test_vector_answers_equal_the_in_process_merge_of_the_shards(app, scifact):
 
 
 @pytest.mark.slow
+def test_searchers_holding_two_shards_each_answer_the_same(app, scifact):
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"index": app.index, "shards_per_searcher": 2}), name="grouped",
+              route_prefix="/grouped", blocking=False)
+    try:
+        info = app.client.get("/grouped/info").json()
+        assert info["searchers"] == [["shard-0", "shard-1"], ["shard-2", "shard-3"]]
+        assert _replica_names("grouped#ShardSearcher-1") and not _replica_names(
+            "grouped#ShardSearcher-2")
+        vectors = scifact.query_vectors[:25]
+        for vector, want in zip(vectors, one_by_one(app.shards, vectors, 100)):
+            response = app.client.post("/grouped/search",
+                                       json={"vector": vector.tolist(), "top_k": 100})
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert _pairs(answer) == want and answer["shards"] == 4 and not answer["partial"]
+    finally:
+        serve.delete("grouped")
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_load_1000_requests_from_16_clients_without_errors(app, scifact):
     texts = list(scifact.dataset.judged_queries().values())
@@ -235,7 +260,7 @@ def _kill_replica(deployment: str) -> str:
     import ray
 
     names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if f"#{deployment}#" in a["name"]]
+             if f"{APP_NAME}#{deployment}#" in a["name"]]
     assert len(names) == 1, names
     actor = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
     ray.kill(actor, no_restart=True)
@@ -291,14 +316,17 @@ def test_killing_a_shard_replica_gives_partial_answers_never_5xx(app, scifact):
     for q in range(20):
         answer = _search(app.client, vector=vectors[q].tolist(), top_k=10)
         assert not answer["partial"] and _pairs(answer) == expected[q]
-    assert _replica_names("ShardSearcher-1") != [killed]  # the kill took: a new replica answers
+    # the kill took: a new replica answers
+    assert _replica_names(f"{APP_NAME}#ShardSearcher-1") != [killed]
 
 
 def _replica_names(deployment: str) -> list[str]:
+    """Replica actor names of ``deployment`` ("APP#NAME"; Serve names them
+    SERVE_REPLICA::APP#NAME#ID)."""
     import ray
 
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if f"#{deployment}#" in a["name"]]
+            if f"{deployment}#" in a["name"]]
 
 
 # --------------------------------------------------------------------------- CLI and config
@@ -356,21 +384,23 @@ def test_serve_config_file_is_valid_and_drives_the_app(tmp_path):
 # --------------------------------------------------------------------------- API in-process
 
 class DelayedBackend:
-    """LocalBackend whose shard ``slow`` answers only after ``delay_s`` (a slow machine)."""
+    """LocalBackend whose searcher ``slow`` answers only after ``delay_s`` (a slow machine)
+    and whose searcher ``fail`` raises."""
 
     def __init__(self, backend, slow: int, delay_s: float, fail: int | None = None):
         self.backend, self.slow, self.delay_s, self.fail = backend, slow, delay_s, fail
         self.dim, self.shard_names = backend.dim, backend.shard_names
+        self.shard_groups = backend.shard_groups
 
     async def encode(self, text):
         return await self.backend.encode(text)
 
-    async def search_shard(self, number, vector, k):
+    async def search_group(self, number, vector, k):
         if number == self.slow:
             await asyncio.sleep(self.delay_s)
         if number == self.fail:
             raise RuntimeError("replica died")
-        return await self.backend.search_shard(number, vector, k)
+        return await self.backend.search_group(number, vector, k)
 
     def info(self):
         return self.backend.info()
@@ -402,6 +432,60 @@ def test_a_shard_that_does_not_answer_in_time_is_named_and_the_rest_answered(tmp
     others = [local.shards[n].search(vector[None], 10)[0] for n in (1, 3)]
     assert _pairs(answer) == merge(others, 10)
     assert elapsed < 1.5  # did not wait for the slow shard
+
+
+def test_a_searcher_holding_two_shards_that_times_out_names_both(tmp_path, monkeypatch):
+    from serve.api import ApiSettings
+    from serve.local import LocalBackend
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    index = _small_index(tmp_path, 5)
+    local = LocalBackend(index, shards_per_searcher=2)
+    assert local.shard_groups == [["shard-0", "shard-1"], ["shard-2", "shard-3"], ["shard-4"]]
+    assert local.info()["searchers"] == local.shard_groups
+    vector = np.asarray(local.shards[0].index.reconstruct(3), np.float32)
+    with TestClient(make_api(local)) as client:
+        whole = client.post("/search", json={"vector": vector.tolist(), "top_k": 20}).json()
+    assert whole["partial"] is False and whole["shards"] == 5
+    assert _pairs(whole) == sh.search_all(local.shards, vector[None], 20)[0]
+    api = make_api(DelayedBackend(local, slow=1, delay_s=2.0), ApiSettings(timeout_s=0.3))
+    with TestClient(api) as client:
+        answer = client.post("/search", json={"vector": vector.tolist(), "top_k": 20}).json()
+    assert answer["partial"] is True and answer["missing_shards"] == ["shard-2", "shard-3"]
+    assert answer["errors"] == {"shard-2": "no answer within 0.3 s",
+                                "shard-3": "no answer within 0.3 s"}
+    others = [local.shards[n] for n in (0, 1, 4)]
+    assert _pairs(answer) == sh.search_all(others, vector[None], 20)[0]
+
+
+def test_shard_groups_are_dealt_in_order_and_bad_sizes_refused(tmp_path):
+    from retriever.errors import InputError
+    from serve.app import build_app
+
+    assert sh.group_numbers(4, 1) == [[0], [1], [2], [3]]
+    assert sh.group_numbers(4, 4) == [[0, 1, 2, 3]]
+    assert sh.group_numbers(4, 3) == [[0, 1, 2], [3]]
+    assert sh.group_numbers(2, 8) == [[0, 1]]
+    index = _small_index(tmp_path, 4)
+    for bad in (0, -1, "two", True):
+        with pytest.raises(InputError, match="shards_per_searcher"):
+            build_app({"index": index, "shards_per_searcher": bad})
+    with pytest.raises(InputError, match=r"'ShardSearcher-2': the app has QueryEncoder, Router "
+                                         r"and ShardSearcher-0..1"):
+        build_app({"index": index, "shards_per_searcher": 2,
+                   "deployments": [{"name": "ShardSearcher-2", "num_replicas": 2}]})
+
+
+def test_one_machine_puts_every_shard_in_one_searcher_unless_told(tmp_path):
+    from jobs.serve import ServeConfig, app_args, single_machine_layout
+
+    index = _small_index(tmp_path, 4)
+    assert single_machine_layout(app_args(ServeConfig(index=index))) == {
+        "index": index, "shards_per_searcher": 4}
+    told = app_args(ServeConfig(index=index, shards_per_searcher=2))
+    assert single_machine_layout(told)["shards_per_searcher"] == 2
+    from_file = app_args(ServeConfig(index=index, serve_config=str(REPO / "serve" / "config.yaml")))
+    assert single_machine_layout(from_file)["shards_per_searcher"] == 1
 
 
 def test_fan_out_runs_calls_concurrently():
