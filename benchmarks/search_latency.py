@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                    "meets the bar, not the goal" if added <= BAR_MS else "MISSES the bar")
         print(f"added p50 through HTTP at {n} shards in {g} searcher(s), concurrency 1: "
               f"{added:.2f} ms (HTTP {hp50:.2f} ms vs in-process {lp50:.2f} ms, "
-              f"{hp50 / lp50:.1f}x; the Router's own part: parse, fan-out, merge "
+              f"{hp50 / lp50:.1f}x; of it the Router's took_ms: parse, searcher calls, merge "
               f"{router_took[per]:.2f} ms); bar <= {BAR_MS:g} ms, goal <= {GOAL_MS:g} ms: "
               f"{verdict}")
         if (per, args.concurrency) in main_rows:
