@@ -75,6 +75,11 @@ MIN_POINTS_PER_CENTROID = 39
 PARAM = {"ivfpq": "nprobe", "hnsw": "efSearch"}
 
 
+def shard_name(number: int) -> str:
+    """How answers, logs and ``/info`` name shard ``number``."""
+    return f"shard-{number}"
+
+
 def index_name(number: int) -> str:
     return f"shard-{number:05d}.faiss"
 
@@ -325,7 +330,7 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
              "start": start, "sha256": hashlib.sha256(data).hexdigest(),
              "ids_sha256": embeddings.sha256_of(ids_url)}
     if probe is not None and spec.type in PARAM:
-        shard = Shard(index, ids, spec.type, name=f"shard-{number}")
+        shard = Shard(index, ids, spec.type, name=shard_name(number))
         entry["probe_exact"] = _drop_self(exact or [[] for _ in probe.ids], probe,
                                           spec.recall_at)
         entry["probe_approx"] = {}
@@ -507,7 +512,7 @@ class Shard:
             from retriever.search import to_gpu_if_available
 
             index = to_gpu_if_available(index)
-        return cls(index, ids, manifest["type"], f"shard-{number}",
+        return cls(index, ids, manifest["type"], shard_name(number),
                    manifest.get("search_params", {}))
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:

@@ -111,10 +111,10 @@ def encoder_config(manifest: dict, model: str | None = None) -> dict:
     return config
 
 
-def index_info(manifest: dict, model: str, groups: list[list[int]] | None = None) -> dict:
-    groups = groups or sh.group_numbers(len(manifest["shards"]), 1)
+def index_info(manifest: dict, model: str, groups: list[list[int]]) -> dict:
+    """``/info``: the index, the model and the shards each searcher holds (``searchers``)."""
     return {"model": model, "shards": len(manifest["shards"]),
-            "searchers": [[f"shard-{n}" for n in group] for group in groups],
+            "searchers": [[sh.shard_name(n) for n in group] for group in groups],
             "rows": manifest["rows"],
             "rows_per_shard": [s["rows"] for s in manifest["shards"]],
             "dims": manifest["dim"], "index_type": manifest["type"],
@@ -179,5 +179,5 @@ def build_app(args: dict[str, Any]):
                     "max_query_chars": app_args.max_query_chars}
     opts = {**logs, **options.get("Router", {})}
     return Router.options(**_with_defaults(Router, opts, env)).bind(
-        encoder_app, searcher_apps, groups, index_info(manifest, encoder["model"], groups),
-        api_settings, app_args.docs)
+        encoder_app, searcher_apps, index_info(manifest, encoder["model"], groups), api_settings,
+        app_args.docs)

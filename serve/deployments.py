@@ -153,15 +153,13 @@ class Router:
     """The HTTP ingress: validation, auth, fan-out, merge (see ``serve/api.py``)."""
 
     def __init__(self, encoder: DeploymentHandle, searchers: Sequence[DeploymentHandle],
-                 groups: Sequence[Sequence[int]], info: dict, api_settings: dict,
-                 docs: str | None = None):
+                 info: dict, api_settings: dict, docs: str | None = None):
         self.encoder = encoder
-        self.searchers = list(searchers)
-        self.shard_groups = [[f"shard-{n}" for n in group] for group in groups]
+        self.shard_groups = info["searchers"]  # shard names held by each searcher, in order
         self.shard_names = [name for group in self.shard_groups for name in group]
         timeout = float(api_settings.get("timeout_s", 2.0))
         # method handles made once: `handle.search` builds a new handle on every access
-        searches = [h.options(method_name="search") for h in self.searchers]
+        searches = [h.options(method_name="search") for h in searchers]
         self.coalescers = [Coalescer(lambda vectors, k, h=h: h.remote(vectors, k),
                                      timeout_s=timeout)
                            for h in searches]

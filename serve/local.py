@@ -26,13 +26,13 @@ class LocalBackend:
                        for n in range(len(self.manifest["shards"]))]
         self.shard_names = [s.name for s in self.shards]
         self.groups = sh.group_numbers(len(self.shards), shards_per_searcher)
-        self.shard_groups = [[self.shard_names[n] for n in group] for group in self.groups]
         self.dim = int(self.manifest["dim"])
         self.encoder_config = encoder_config(self.manifest, model)
         self._encoder = encoder
         self.docs = load_docs(docs) if docs else {}
         self._info = dict(index_info(self.manifest, self.encoder_config["model"],
                                      self.groups), docs=bool(docs))
+        self.shard_groups = self._info["searchers"]
 
     @property
     def encoder(self):
