@@ -2,7 +2,7 @@
 
     python benchmarks/bf16_quality.py [--dataset ../shared/datasets/scifact] [--model minilm]
 
-The device policy (retriever/device.py) picks bf16 autocast on CPUs with native bf16; this
+The device policy (retriever/modeling/device.py) picks bf16 autocast on CPUs with native bf16; this
 prints the evidence: docs/s for both, their ratio, the minimum cosine between the two sets of
 vectors and both NDCG@10 figures.
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.data import load_dataset
-from retriever.device import cpu_has_native_bf16
-from retriever.encoder import Encoder
-from retriever.evaluation import score_run
-from retriever.search import ExactSearcher
+from retriever.io.formats import load_dataset
+from retriever.modeling.device import cpu_has_native_bf16
+from retriever.modeling.encoder import Encoder
+from retriever.evaluation.runs import score_run
+from retriever.index.exact import ExactSearcher
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact"
 

@@ -36,7 +36,7 @@ DATASETS = REPO.parent / "shared" / "datasets"
 
 def corpus_file(name: str, limit: int | None, folder: Path) -> tuple[Path, list[str], list[str]]:
     """A JSONL corpus (the first ``limit`` docs of a shared collection), ids, passages."""
-    from retriever.data import load_corpus
+    from retriever.io.formats import load_corpus
 
     corpus = load_corpus(str(DATASETS / name / "corpus.jsonl.gz"))
     keep = range(len(corpus) if limit is None else min(limit, len(corpus)))
@@ -88,8 +88,8 @@ def main() -> int:
 
     import ray
 
-    from retriever import embeddings
-    from retriever.models import resolve_model
+    from retriever.io import embeddings
+    from retriever.modeling.registry import resolve_model
 
     model_path = resolve_model(args.model).path
     cpus = os.cpu_count() or 1

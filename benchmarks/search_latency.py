@@ -7,7 +7,7 @@
 For each shard count, builds flat shards of the same embeddings, then measures with the same
 query vectors (``top_k`` 10):
 
-- in-process: ``retriever.shards.search_all`` over the loaded shards (one FAISS thread, as a
+- in-process: ``retriever.index.shards.search_all`` over the loaded shards (one FAISS thread, as a
   replica with < 2 CPUs has), one query at a time; at concurrency 16 from 16 threads;
 - HTTP: ``POST /search {"vector": ...}`` to the Serve app (Router -> ShardSearcher x G) on
   127.0.0.1 from 1 and from 16 clients, each with its own keep-alive connection; request
@@ -50,7 +50,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retriever import embeddings, shards as sh  # noqa: E402
+from retriever.io import embeddings
+
+from retriever.index import shards as sh  # noqa: E402
 
 BAR_MS, GOAL_MS = 15.0, 5.0
 

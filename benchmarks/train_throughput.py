@@ -38,7 +38,7 @@ STRATEGIES = ("zero3", "zero2", "ddp")
 
 def synthetic_examples(path: Path, n: int, negatives: int = 8) -> Path:
     """Queries = Cranfield queries, positives = judged docs, negatives = random docs."""
-    from retriever.data import TrainingExample, load_dataset, write_training_examples
+    from retriever.io.formats import TrainingExample, load_dataset, write_training_examples
 
     data = load_dataset(str(REPO.parent / "shared" / "datasets" / "cranfield"))
     rng = random.Random(0)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retriever import cluster as lc
+from retriever.ops import cluster as lc
 
 
 def _resources(text: str | None) -> dict[str, float]:

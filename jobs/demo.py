@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retriever import config as cfg
-from retriever import store
+from retriever.io import store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.serve != "off":
         t = _stage(5, "serve the fine-tuned index (Ray Serve: query encoder, shard searchers, "
                       "router)")
-        from retriever.data import load_dataset
+        from retriever.io.formats import load_dataset
 
         held_out = load_dataset(split_out, "test").judged_queries()
         _serve(config, index, split_out, min(held_out.values(), key=len))

@@ -1,6 +1,6 @@
 """Encode a corpus into embedding shards: ``retriever encode --corpus URL --model M [--out URL]``.
 
-Runs on Ray Data (see ``retriever.encoding``): the corpus (BEIR folder, JSONL or parquet; any
+Runs on Ray Data (see ``retriever.pipelines.encode``): the corpus (BEIR folder, JSONL or parquet; any
 fsspec URL) is streamed in shards of ``--docs-per-shard`` input rows, tokenized, encoded by an
 actor pool holding the model, and written as ``part-NNNNN.parquet`` (``doc_id``, ``embedding``)
 plus a per-shard record; ``manifest.json`` comes last, once every shard is done. Re-running
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever import store
+from retriever.io import store
 
 
 @dataclass
@@ -63,12 +63,12 @@ def slug(text: str) -> str:
 
 
 def run(config: EncodeConfig):
-    """Encode; returns the :class:`retriever.encoding.EncodeResult`."""
+    """Encode; returns the :class:`retriever.pipelines.encode.EncodeResult`."""
     import ray
 
-    from retriever import encoding
-    from retriever.corpus_reader import CorpusSource
-    from retriever.encoder import EncoderConfig
+    from retriever.pipelines import encode as encoding
+    from retriever.io.corpus import CorpusSource
+    from retriever.modeling.encoder import EncoderConfig
 
     source = CorpusSource.open(config.corpus)
     encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)}

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever import store
-from retriever.data import load_dataset
-from retriever.metrics import METRICS
+from retriever.io import store
+from retriever.io.formats import load_dataset
+from retriever.evaluation.metrics import METRICS
 
 
 @dataclass
@@ -60,8 +60,8 @@ def format_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
 
 def run(config: EvalConfig) -> dict:
     """Retrieve, score, write ``metrics.json`` and ``run.trec``; returns the metrics."""
-    from retriever.evaluation import bm25_run, dense_run, score_run
-    from retriever.ranking import write_trec
+    from retriever.evaluation.runs import bm25_run, dense_run, score_run
+    from retriever.index.ranking import write_trec
 
     dataset = load_dataset(config.dataset, config.split)
     out = config.out or store.join(store.default_root(), "evals", "adhoc", _slug(config.model),
@@ -72,7 +72,7 @@ def run(config: EvalConfig) -> dict:
         settings = {"model": "bm25", "k1": 0.9, "b": 0.4, "stemmer": "english",
                     "stopwords": "en"}
     else:
-        from retriever.encoder import Encoder, EncoderConfig
+        from retriever.modeling.encoder import Encoder, EncoderConfig
 
         encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)}
         encoder = Encoder(EncoderConfig(**{k: v for k, v in dataclasses.asdict(config).items()

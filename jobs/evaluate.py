@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever import store
-from retriever.matrix import (DatasetSpec, ModelSpec, RunRecord, dataset_fingerprint, finished,
+from retriever.io import store
+from retriever.evaluation.matrix import (DatasetSpec, ModelSpec, RunRecord, dataset_fingerprint, finished,
                               run_key)
 
 
@@ -46,8 +46,8 @@ class MatrixConfig:
 
 
 def _search_task(index_folder: str, model: str, options: dict, queries: list[str], k: int):
-    from retriever import shards as sh
-    from retriever.encoder import Encoder
+    from retriever.index import shards as sh
+    from retriever.modeling.encoder import Encoder
 
     encoder = Encoder(model=model, **options)
     vectors = encoder.encode_queries(queries)
@@ -55,8 +55,8 @@ def _search_task(index_folder: str, model: str, options: dict, queries: list[str
 
 
 def _bm25_task(path: str, split: str, k: int):
-    from retriever.data import load_dataset
-    from retriever.evaluation import bm25_run
+    from retriever.io.formats import load_dataset
+    from retriever.evaluation.runs import bm25_run
 
     return bm25_run(load_dataset(path, split), k)[0]
 
@@ -69,11 +69,11 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
     from jobs.encode import run as encode
     from jobs.index import IndexConfig
     from jobs.index import run as index
-    from retriever.data import load_dataset
-    from retriever.embeddings import code_version, now
-    from retriever.evaluation import score_run
-    from retriever.models import resolve_model
-    from retriever.ranking import write_trec
+    from retriever.io.formats import load_dataset
+    from retriever.io.embeddings import code_version, now
+    from retriever.evaluation.runs import score_run
+    from retriever.modeling.registry import resolve_model
+    from retriever.index.ranking import write_trec
 
     dataset = load_dataset(spec.path, spec.split)
     folder = store.join(out, model.name, spec.name)
@@ -132,10 +132,10 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
 
 
 def write_report(config: MatrixConfig, records: list[RunRecord], out: str) -> str:
-    from retriever.data import load_dataset
-    from retriever.metrics import per_query
-    from retriever.ranking import read_trec
-    from retriever.report import (Cell, bar_chart_png, html_report, markdown_table,
+    from retriever.io.formats import load_dataset
+    from retriever.evaluation.metrics import per_query
+    from retriever.index.ranking import read_trec
+    from retriever.evaluation.report import (Cell, bar_chart_png, html_report, markdown_table,
                                   throughput_table)
 
     specs = {DatasetSpec.parse(d).name: DatasetSpec.parse(d) for d in config.datasets}

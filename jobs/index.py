@@ -1,11 +1,11 @@
 """Build a sharded FAISS index: ``retriever index --embeddings URL --shards N --type T --out URL``.
 
-Reads an embedding folder (``retriever.embeddings``), trains IVF quantisers once on a sample,
+Reads an embedding folder (``retriever.io.embeddings``), trains IVF quantisers once on a sample,
 builds the N shards (in this process, or as Ray tasks with ``--workers W``), measures recall@10
 against exact search for IVF-PQ / HNSW and picks ``nprobe`` / ``efSearch``, and writes
 ``shard-*.faiss``, ``shard-*.ids.parquet`` and ``manifest.json`` (last) under ``--out``
 (default ``<store>/indexes/<corpus>/<model>/<type>-<N>`` when the embeddings sit at
-``<store>/embeddings/<corpus>/<model>``). See ``retriever/shards.py`` for the format.
+``<store>/embeddings/<corpus>/<model>``). See ``retriever/index/shards.py`` for the format.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever import shards as sh
-from retriever import store
+from retriever.index import shards as sh
+from retriever.io import store
 from retriever.errors import InputError
 
 

@@ -1,8 +1,8 @@
 """Mine hard negatives for training: ``retriever mine --dataset PATH --split train``.
 
 BM25 and dense candidates per judged query, positives excluded, false negatives filtered,
-fused, sampled from a rank window (see ``retriever.mining``). Writes ``examples.parquet`` (the
-training-example format of ``retriever.data``) and ``manifest.json`` (last) under ``--out``
+fused, sampled from a rank window (see ``retriever.training.mining``). Writes ``examples.parquet`` (the
+training-example format of ``retriever.io.formats``) and ``manifest.json`` (last) under ``--out``
 (default ``<store>/mined/<dataset>-<split>-<dense model>``); ``retriever train --train-data``
 takes that folder.
 """
@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever import store
-from retriever.data import load_dataset, write_training_examples
-from retriever.mining import MiningConfig, mine
+from retriever.io import store
+from retriever.io.formats import load_dataset, write_training_examples
+from retriever.training.mining import MiningConfig, mine
 
 EXAMPLES_FILE = "examples.parquet"
 

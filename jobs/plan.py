@@ -6,7 +6,7 @@
 prints encode GPU-hours and cost, embedding bytes, index bytes per shard, the number of shards
 that fit the chosen node's memory, the search fan-out and the serving cost, each with its
 formula and the numbers substituted. ``--json`` prints the same as JSON. The arithmetic and the
-sources of every default number live in :mod:`retriever.capacity`.
+sources of every default number live in :mod:`retriever.ops.capacity`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from retriever import capacity as cap
+from retriever.ops import capacity as cap
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capacity plan: encode GPU-hours, embedding/index bytes, shards, fan-out, cost.",
         epilog=("Known models: " + ", ".join(cap.MODELS) + ". GPUs: " + ", ".join(cap.GPUS)
                 + ". Node types: " + ", ".join(cap.NODE_TYPES)
-                + ". Sources of every default: retriever/capacity.py."),
+                + ". Sources of every default: retriever/ops/capacity.py."),
     )
     p.add_argument("--docs", required=True, type=cap.parse_count,
                    help="number of documents (1e9, 8.8M, 500k)")

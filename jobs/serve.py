@@ -75,7 +75,7 @@ def single_machine_layout(args: dict) -> dict:
     """On one machine, unless told otherwise, one ShardSearcher holds every shard: a Serve
     call per searcher costs more than FAISS on one shard, and the cores are shared anyway
     (``benchmarks/search_latency.py``: 4 shards in 4 searchers vs 1 on 2 cores)."""
-    from retriever import shards as sh
+    from retriever.index import shards as sh
 
     if args.get("shards_per_searcher") is not None:
         return args

@@ -3,7 +3,7 @@
 Writes a BEIR folder (corpus, ``queries_<split>.jsonl``, ``qrels/<split>.tsv``, manifest) under
 ``--out`` (default ``<store>/datasets/<name>-split-s<seed>``), so that
 ``retriever mine --dataset OUT --split train`` and ``retriever eval --dataset OUT`` (the held-out
-``test`` queries) work unchanged. See ``retriever.splits`` for the rule.
+``test`` queries) work unchanged. See ``retriever.io.splits`` for the rule.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever import store
-from retriever.data import load_dataset
-from retriever.splits import split_queries, write_split
+from retriever.io import store
+from retriever.io.formats import load_dataset
+from retriever.io.splits import split_queries, write_split
 
 
 @dataclass

@@ -65,7 +65,7 @@ def resolve_address(explicit: str | None, state_path: str | None = None) -> str:
         value = os.environ.get(var, "")
         if value.startswith(("http://", "https://")):
             return value
-    from retriever import cluster as lc
+    from retriever.ops import cluster as lc
 
     state = lc.load_state(state_path)
     if state is not None:
@@ -107,7 +107,7 @@ def _node_ips(address: str) -> list[str] | None:
     """IPs of the cluster's ALIVE nodes (state API), or None if it cannot be asked."""
     import urllib.request
 
-    from retriever.cluster import auth_headers
+    from retriever.ops.cluster import auth_headers
 
     request = urllib.request.Request(f"{address.rstrip('/')}/api/v0/nodes?limit=1000",
                                      headers=auth_headers())
@@ -188,7 +188,7 @@ def build_runtime_env(*, working_dir: Path, local: bool, pip: bool | None,
     env_vars = {str(k): str(v) for k, v in (base.get("env_vars") or {}).items()}
     store = os.environ.get("RETRIEVER_STORE")
     if local:
-        from retriever.store import default_root
+        from retriever.io.store import default_root
 
         env_vars.setdefault("RETRIEVER_STORE", default_root())
     elif store and "://" in store:
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray.job_submission import JobSubmissionClient
 
-    from retriever.cluster import auth_headers
+    from retriever.ops.cluster import auth_headers
 
     # Our token only goes to a cluster on this machine; for a remote one Ray's own
     # RAY_AUTH_MODE / RAY_AUTH_TOKEN settings apply.

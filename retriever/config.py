@@ -35,7 +35,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def load_file(path: str) -> dict:
-    from retriever import store
+    from retriever.io import store
 
     text = store.read_text(path)
     if path.endswith((".yaml", ".yml")):

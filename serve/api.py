@@ -40,7 +40,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from retriever.ranking import Hit, merge
+from retriever.index.ranking import Hit, merge
 
 TOKEN_ENV = "RETRIEVER_API_TOKEN"
 PAGE = Path(__file__).with_name("page.html")

@@ -28,7 +28,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from retriever import shards as sh
+from retriever.index import shards as sh
 from retriever.errors import InputError
 
 ENCODER_KEYS = ("pooling", "query_prefix", "passage_prefix", "query_max_length",

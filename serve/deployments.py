@@ -27,7 +27,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from retriever.ranking import Hit
+from retriever.index.ranking import Hit
 from serve.api import Coalescer
 
 log = logging.getLogger("ray.serve")
@@ -56,7 +56,7 @@ def _assigned_cpus() -> int:
 
 def local_model(model: str) -> str:
     """A model named by a remote URL (s3://...) is copied to a local directory first."""
-    from retriever import store
+    from retriever.io import store
 
     if not store.has_scheme(model) or store.is_local(model):
         return model[len("file://"):] if model.startswith("file://") else model
@@ -75,7 +75,7 @@ class QueryEncoder:
                  batch_wait_timeout_s: float = 0.005):
         import torch
 
-        from retriever.encoder import Encoder, EncoderConfig
+        from retriever.modeling.encoder import Encoder, EncoderConfig
 
         torch.set_num_threads(_assigned_cpus())
         config = dict(encoder_config)
@@ -104,7 +104,7 @@ class ShardSearcher:
     def __init__(self, index_url: str, numbers: Sequence[int], gpu: str = "auto"):
         import faiss
 
-        from retriever.shards import Shard, read_manifest
+        from retriever.index.shards import Shard, read_manifest
 
         faiss.omp_set_num_threads(_assigned_cpus())
         if gpu == "auto":  # only a GPU Ray gave this replica
@@ -117,7 +117,7 @@ class ShardSearcher:
     async def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Merged top-k of this group's shards for each row of ``vectors`` [n, dim] (the
         Router batches queries)."""
-        from retriever.shards import search_all
+        from retriever.index.shards import search_all
 
         # On the replica's event loop, not a thread pool: a few queries are a short FAISS
         # call (threads given to FAISS, not to Python); a thread hop costs more than it saves.
@@ -130,8 +130,8 @@ class ShardSearcher:
 
 def load_docs(url: str) -> dict[str, tuple[str, str]]:
     """doc id -> (title, text) from a BEIR folder / corpus.jsonl or an MS MARCO collection."""
-    from retriever import store
-    from retriever.data import DataFormatError, load_collection_tsv, load_corpus
+    from retriever.io import store
+    from retriever.io.formats import DataFormatError, load_collection_tsv, load_corpus
 
     target = url.rstrip("/")
     if not target.endswith((".jsonl", ".jsonl.gz", ".tsv", ".tsv.gz")):

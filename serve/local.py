@@ -1,6 +1,6 @@
 """The search API without Ray: the same FastAPI app over shards and an encoder in this process.
 
-``LocalBackend`` implements ``serve.api.Backend`` with loaded ``retriever.shards.Shard``
+``LocalBackend`` implements ``serve.api.Backend`` with loaded ``retriever.index.shards.Shard``
 objects and an ``Encoder``; ``make_api(LocalBackend(...))`` is the app. Used for development
 (``uvicorn``), the browser test and as the in-process peer in ``benchmarks/search_latency.py``.
 """
@@ -11,8 +11,8 @@ import asyncio
 
 import numpy as np
 
-from retriever import shards as sh
-from retriever.ranking import Hit
+from retriever.index import shards as sh
+from retriever.index.ranking import Hit
 
 
 class LocalBackend:
@@ -37,7 +37,7 @@ class LocalBackend:
     @property
     def encoder(self):
         if self._encoder is None:
-            from retriever.encoder import Encoder, EncoderConfig
+            from retriever.modeling.encoder import Encoder, EncoderConfig
 
             self._encoder = Encoder(EncoderConfig(**self.encoder_config))
         return self._encoder

@@ -1,6 +1,6 @@
 """Embedding folders for the index and serve tests, made with the library (not the encode job).
 
-``write_embeddings`` writes the embedding dataset format of ``retriever.embeddings``
+``write_embeddings`` writes the embedding dataset format of ``retriever.io.embeddings``
 (part-NNNNN.parquet + manifest.json, manifest last). ``scifact_minilm`` encodes SciFact's
 corpus and its 300 test queries with MiniLM once and keeps the result under pytest's cache
 directory, keyed by the encoder settings (model hash included) and the corpus file's size
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retriever import embeddings, store
+from retriever.io import embeddings, store
 from tests.helpers import dataset as dataset_path
 
 
@@ -45,7 +45,7 @@ class Encoded:
     """SciFact encoded with MiniLM: the embedding folder plus the test queries' vectors."""
 
     folder: str  # embedding folder URL (local)
-    dataset: object  # retriever.data.Dataset
+    dataset: object  # retriever.io.formats.Dataset
     query_ids: list[str]
     query_vectors: np.ndarray
     settings: dict  # Encoder.settings()
@@ -59,8 +59,8 @@ def cache_dir(pytestconfig, tmp_path_factory) -> str:
 
 
 def scifact_minilm(cache_dir: str) -> Encoded:
-    from retriever.data import load_dataset
-    from retriever.encoder import Encoder, EncoderConfig
+    from retriever.io.formats import load_dataset
+    from retriever.modeling.encoder import Encoder, EncoderConfig
 
     data = load_dataset(dataset_path("scifact"))
     encoder = Encoder(EncoderConfig(model="minilm"))

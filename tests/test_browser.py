@@ -56,7 +56,7 @@ def server(pytestconfig, tmp_path_factory):
     require_browser()
     import uvicorn
 
-    from retriever import shards as sh
+    from retriever.index import shards as sh
     from serve.api import make_api
     from serve.local import LocalBackend
 
@@ -98,7 +98,7 @@ def test_page_types_a_query_and_shows_ranked_results(server):
     url, backend = server
     assert httpx.get(url + "/").status_code == 401  # the page, too, wants the token
     vector = backend.encoder.encode_queries([QUERY])
-    from retriever.shards import search_all
+    from retriever.index.shards import search_all
 
     expected = [doc_id for doc_id, _ in search_all(backend.shards, vector, 5)[0]]
     with sync_playwright() as p:

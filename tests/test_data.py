@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from retriever.data import (DataFormatError, TrainingExample, load_corpus, load_dataset,
+from retriever.io.formats import (DataFormatError, TrainingExample, load_corpus, load_dataset,
                             load_qrels, load_queries, load_training_examples,
                             write_training_examples)
 from tests.helpers import dataset

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from retriever.cluster import free_port
+from retriever.ops.cluster import free_port
 from tests.helpers import REPO, dataset
 
 

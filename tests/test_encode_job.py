@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retriever import embeddings, store
-from retriever.corpus_reader import BadDocument, CorpusSource, iter_shards
-from retriever.data import load_corpus
-from retriever.encoding import AUX_CPUS, EncodeOptions, plan_resources
-from retriever.encoder import EncoderConfig
+from retriever.io import embeddings, store
+from retriever.io.corpus import BadDocument, CorpusSource, iter_shards
+from retriever.io.formats import load_corpus
+from retriever.pipelines.encode import AUX_CPUS, EncodeOptions, plan_resources
+from retriever.modeling.encoder import EncoderConfig
 from retriever.errors import InputError
 from tests.helpers import REPO, dataset
 
@@ -99,7 +99,7 @@ def test_job_embeddings_equal_in_process_encoder(ray_local, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retriever.encoder import Encoder
+    from retriever.modeling.encoder import Encoder
 
     corpus = _scifact().subset(range(150))
     corpus.ids.append("short-1"), corpus.titles.append(""), corpus.texts.append("a b")
@@ -208,7 +208,7 @@ def test_interrupted_run_resumes_skipping_finished_shards(ray_local, tmp_path):
 
 @pytest.mark.s3
 def test_s3_end_to_end_through_the_command_line(s3_env, tmp_path):
-    from retriever.encoder import Encoder
+    from retriever.modeling.encoder import Encoder
 
     corpus = _scifact().subset(range(120))
     buffer = io.BytesIO()

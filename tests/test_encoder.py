@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from retriever.data import load_dataset
-from retriever.encoder import Encoder, token_budget_batches
-from retriever.prompts import ONE_WORD_ANSWER_START
+from retriever.io.formats import load_dataset
+from retriever.modeling.encoder import Encoder, token_budget_batches
+from retriever.modeling.prompts import ONE_WORD_ANSWER_START
 from tests.helpers import dataset
 
 
@@ -100,7 +100,7 @@ def test_one_word_prompt_is_chat_templated_and_truncates_only_the_text():
 
 
 def test_unknown_model_and_bad_options_are_named():
-    from retriever.models import ModelNotFound
+    from retriever.modeling.registry import ModelNotFound
 
     with pytest.raises(ModelNotFound, match="'no-such-model'"):
         Encoder(model="no-such-model")

@@ -7,7 +7,7 @@ import yaml
 
 from jobs import eval as single
 from jobs import evaluate
-from retriever.matrix import DatasetSpec, ModelSpec
+from retriever.evaluation.matrix import DatasetSpec, ModelSpec
 from tests.helpers import dataset
 
 

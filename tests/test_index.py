@@ -1,4 +1,4 @@
-"""Sharded FAISS indexes (retriever/shards.py) and the index job (`retriever index`)."""
+"""Sharded FAISS indexes (retriever/index/shards.py) and the index job (`retriever index`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from jobs.cli import main
-from retriever import shards as sh
-from retriever import store
+from retriever.index import shards as sh
+from retriever.io import store
 from retriever.errors import InputError
-from retriever.metrics import evaluate
-from retriever.ranking import order
-from retriever.search import ExactSearcher
+from retriever.evaluation.metrics import evaluate
+from retriever.index.ranking import order
+from retriever.index.exact import ExactSearcher
 from tests.helpers import REPO
 from tests.index_fixtures import cache_dir, scifact_minilm, write_embeddings
 

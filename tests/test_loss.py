@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from retriever.losses import info_nce
+from retriever.training.losses import info_nce
 
 
 def test_info_nce_matches_hand_computed_value():

@@ -3,8 +3,8 @@ import math
 import pytest
 import pytrec_eval
 
-from retriever import metrics
-from retriever.ranking import merge, order, read_trec, write_trec
+from retriever.evaluation import metrics
+from retriever.index.ranking import merge, order, read_trec, write_trec
 
 QRELS = {"q1": {"d1": 1, "d2": 2, "d3": 0}, "q2": {"d5": 1}, "q3": {"d9": 0}}
 RUN = {

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from retriever.data import load_dataset, load_training_examples
-from retriever.mining import BM25Scorer, MiningConfig, mine
-from retriever.splits import assign, split_queries
+from retriever.io.formats import load_dataset, load_training_examples
+from retriever.training.mining import BM25Scorer, MiningConfig, mine
+from retriever.io.splits import assign, split_queries
 from tests.helpers import dataset
 from tests.train_fixtures import tiny_bert
 
@@ -91,7 +91,7 @@ def test_dense_and_bm25_mining_job_writes_training_examples(split_folder, tmp_pa
     """`retriever mine` with both sources (a tiny random dense model keeps it fast; its cosine
     scores are all close to 1, so the false-negative filter, tested above, is off here)."""
     from jobs import mine as mine_job
-    from retriever.encoder import Encoder, EncoderConfig
+    from retriever.modeling.encoder import Encoder, EncoderConfig
     from retriever.training.run import resolve_train_data
 
     model = str(tiny_bert(tmp_path / "tiny-bert"))

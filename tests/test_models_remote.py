@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from retriever import store
-from retriever.encoder import Encoder
-from retriever.models import ModelNotFound, resolve_model
+from retriever.io import store
+from retriever.modeling.encoder import Encoder
+from retriever.modeling.registry import ModelNotFound, resolve_model
 from tests.train_fixtures import tiny_bert
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from jobs import plan as plan_job
 from jobs.cli import main as cli
-from retriever import capacity as cap
+from retriever.ops import capacity as cap
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30

@@ -1,6 +1,6 @@
 import torch
 
-from retriever.pooling import pool
+from retriever.modeling.pooling import pool
 
 
 def _batch():

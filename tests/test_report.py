@@ -4,7 +4,7 @@ import random
 import pytest
 from scipy import stats
 
-from retriever.report import (Cell, bar_chart_png, html_report, markdown_table, paired_t_test,
+from retriever.evaluation.report import (Cell, bar_chart_png, html_report, markdown_table, paired_t_test,
                               throughput_table)
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from retriever import shards as sh
-from retriever.metrics import evaluate
-from retriever.ranking import merge
-from retriever.search import ExactSearcher
+from retriever.index import shards as sh
+from retriever.evaluation.metrics import evaluate
+from retriever.index.ranking import merge
+from retriever.index.exact import ExactSearcher
 from jobs.serve import APP_NAME
 from serve.api import TOKEN_ENV, Coalescer, fan_out, make_api
 from tests.helpers import REPO, dataset

@@ -1,4 +1,4 @@
-"""retriever.store on a local dir (path and file:// URL), memory:// and a real S3 server.
+"""retriever.io.store on a local dir (path and file:// URL), memory:// and a real S3 server.
 
 The S3 cases run against SeaweedFS (``s3_server``/``s3_env`` from tests/s3server.py) and
 configure the store only through the standard ``AWS_*`` environment variables.
@@ -14,7 +14,7 @@ import uuid
 import pyarrow as pa
 import pytest
 
-from retriever import store
+from retriever.io import store
 
 ROOT_KINDS = ["path", "file-url", "memory", pytest.param("s3", marks=pytest.mark.s3)]
 

@@ -18,7 +18,7 @@ import pytest
 
 from jobs import submit
 from jobs.cli import main as cli
-from retriever import cluster as lc
+from retriever.ops import cluster as lc
 
 # Ray's own job SDK opens its log websocket with a deprecated aiohttp argument.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")

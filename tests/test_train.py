@@ -120,8 +120,8 @@ def test_zero3_zero2_ddp_give_the_same_losses(runs):
 
 def test_exports_load_as_models_for_eval(runs, assets, tmp_path):
     from jobs import eval as eval_job
-    from retriever.encoder import Encoder, EncoderConfig
-    from retriever.models import resolve_model
+    from retriever.modeling.encoder import Encoder, EncoderConfig
+    from retriever.modeling.registry import resolve_model
 
     out = Path(runs("zero3").out)
     adapter, merged = out / "adapter", out / "merged"
@@ -253,7 +253,7 @@ def test_lora_targets_by_architecture(tmp_path):
 
 
 def test_training_tokenization_is_the_encoders(tmp_path):
-    from retriever.encoder import Encoder, EncoderConfig
+    from retriever.modeling.encoder import Encoder, EncoderConfig
     from retriever.training.texts import text_tokenizer
 
     model = str(tiny_llama(tmp_path / "llama"))
@@ -268,7 +268,7 @@ def test_training_tokenization_is_the_encoders(tmp_path):
 
 
 def test_group_sampler_shards_deterministically(tmp_path):
-    from retriever.data import load_training_examples
+    from retriever.io.formats import load_training_examples
     from retriever.training.batches import GroupSampler
 
     examples = load_training_examples(str(examples_file(tmp_path / "ex.jsonl", n=20)))
@@ -293,7 +293,7 @@ def test_group_sampler_shards_deterministically(tmp_path):
 
 
 def test_bad_training_data_is_named(tmp_path):
-    from retriever.data import DataFormatError
+    from retriever.io.formats import DataFormatError
     from retriever.training.run import resolve_train_data
 
     with pytest.raises(DataFormatError, match="missing.jsonl"):
@@ -311,8 +311,8 @@ def test_bad_training_data_is_named(tmp_path):
 @pytest.mark.s3
 def test_run_folder_on_s3(s3_env, assets, ray_local, tmp_path):
     """Examples read from, checkpoints and exports written to an S3 store (SeaweedFS)."""
-    from retriever import store
-    from retriever.encoder import Encoder, EncoderConfig
+    from retriever.io import store
+    from retriever.modeling.encoder import Encoder, EncoderConfig
     from retriever.training.export import download_dir
     from retriever.training.run import train
 

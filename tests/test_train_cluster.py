@@ -1,5 +1,5 @@
 """Training on a real 2-node Ray cluster: a head and a second node started with `ray start` on
-127.0.0.1 (one CPU each, by ``retriever.cluster``), one worker per node (STRICT_SPREAD), driven
+127.0.0.1 (one CPU each, by ``retriever.ops.cluster``), one worker per node (STRICT_SPREAD), driven
 like a user would: ``retriever train --config FILE`` with ``RAY_ADDRESS`` pointing at the
 cluster. The cluster runs with Ray's token authentication, so the driver gets
 ``RAY_AUTH_MODE=token`` (as `retriever cluster up` tells users to set).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from retriever import cluster as lc
+from retriever.ops import cluster as lc
 from tests.train_fixtures import examples_file, tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]

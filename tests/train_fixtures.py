@@ -20,7 +20,7 @@ def tiny_bert(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from retriever.models import EncoderDefaults, resolve_model, write_settings
+    from retriever.modeling.registry import EncoderDefaults, resolve_model, write_settings
 
     directory = Path(directory)
     if (directory / "retriever.json").exists():
@@ -42,7 +42,7 @@ def tiny_llama(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from retriever.models import DECODER_DEFAULTS, resolve_model, write_settings
+    from retriever.modeling.registry import DECODER_DEFAULTS, resolve_model, write_settings
     from dataclasses import replace
 
     directory = Path(directory)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retriever.data import TrainingExample
+from retriever.io.formats import TrainingExample
 from retriever.errors import InputError
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from retriever import store
-from retriever.models import SETTINGS_FILE, EncoderDefaults, write_settings
+from retriever.io import store
+from retriever.modeling.registry import SETTINGS_FILE, EncoderDefaults, write_settings
 
 
 def write_adapter(directory: str | Path, peft_model, weights: dict[str, torch.Tensor],

@@ -20,8 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from retriever import store
-from retriever.losses import info_nce
+from retriever.io import store
+from retriever.training.losses import info_nce
 from retriever.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _workers() -> list[dict]:
 
 def base_reference(model: str, resolved) -> str:
     """How exports name their base: a packaged name stays a name, anything else a path."""
-    from retriever.models import PACKAGED
+    from retriever.modeling.registry import PACKAGED
 
     return model if model in PACKAGED else resolved.path
 
@@ -157,7 +157,7 @@ def train_loop_per_worker(payload: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from retriever.data import load_training_examples
+    from retriever.io.formats import load_training_examples
     from retriever.training.batches import GroupSampler
     from retriever.training.checkpoint import read_state, write_state
     from retriever.training.engines import (build_engine, deepspeed_config, lr_lambda,

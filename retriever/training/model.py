@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from retriever.models import ResolvedModel
-from retriever.pooling import pool
+from retriever.modeling.registry import ResolvedModel
+from retriever.modeling.pooling import pool
 
 
 class EmbeddingModel(torch.nn.Module):

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from retriever import store
+from retriever.io import store
 from retriever.errors import InputError
 from retriever.training.config import TrainConfig
 
@@ -54,7 +54,7 @@ def output_url(config: TrainConfig) -> str:
 def resolve_train_data(url: str) -> str:
     """A training-examples file, or a ``retriever mine`` folder (its ``manifest.json`` names
     the file). The examples are read once here so bad input fails before any worker starts."""
-    from retriever.data import DataFormatError, load_training_examples
+    from retriever.io.formats import DataFormatError, load_training_examples
 
     target = url
     if not url.endswith((".jsonl", ".jsonl.gz", ".parquet", ".json")):

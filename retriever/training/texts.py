@@ -2,7 +2,7 @@
 
 A model is trained on exactly the token sequences it will later be evaluated and served on, so
 training does not re-implement tokenization: :class:`TextTokenizer` is the
-:class:`retriever.encoder.Encoder` minus its model (the backbone is built separately, under
+:class:`retriever.modeling.encoder.Encoder` minus its model (the backbone is built separately, under
 DeepSpeed, by ``retriever.training.model``). :meth:`defaults` gives the settings to write next
 to the exported weights (``retriever.json``), so ``resolve_model(export_dir)`` reproduces them.
 """
@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from retriever.encoder import Encoder, EncoderConfig
-from retriever.models import EncoderDefaults
+from retriever.modeling.encoder import Encoder, EncoderConfig
+from retriever.modeling.registry import EncoderDefaults
 
 
 class TextTokenizer(Encoder):

@@ -17,7 +17,7 @@ For every judged training query with at least one positive (grade >= ``min_relev
    ``[window_start, window_end)``, kept in rank order; skipping the very top (window_start > 0)
    is a further guard against false negatives.
 
-The result is a list of :class:`retriever.data.TrainingExample` (positives and negatives as
+The result is a list of :class:`retriever.io.formats.TrainingExample` (positives and negatives as
 passage text plus their ids) and counts that describe what the filter and window did.
 """
 
@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from retriever.bm25 import BM25Config
-from retriever.data import Dataset, TrainingExample
-from retriever.ranking import Hit, order
+from retriever.index.bm25 import BM25Config
+from retriever.io.formats import Dataset, TrainingExample
+from retriever.index.ranking import Hit, order
 
 
 @dataclass
@@ -123,7 +123,7 @@ def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
         list[TrainingExample], dict]:
     """Training examples with mined negatives for ``dataset``'s judged queries.
 
-    ``encoder``: an :class:`retriever.encoder.Encoder` for the dense source (built from
+    ``encoder``: an :class:`retriever.modeling.encoder.Encoder` for the dense source (built from
     ``config.dense_model`` when not given).
     """
     corpus = dataset.corpus
@@ -139,7 +139,7 @@ def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
     dense_settings = None
     if config.dense_model and config.dense_depth:
         if encoder is None:
-            from retriever.encoder import Encoder, EncoderConfig
+            from retriever.modeling.encoder import Encoder, EncoderConfig
 
             encoder = Encoder(EncoderConfig(model=config.dense_model, dtype=config.dtype,
                                             batch_size=config.batch_size))

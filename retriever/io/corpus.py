@@ -35,8 +35,8 @@ from ray.data import Datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
-from retriever import store
-from retriever.data import DataFormatError
+from retriever.io import store
+from retriever.io.formats import DataFormatError
 from retriever.errors import InputError
 
 PROBLEMS = ("bad_json", "not_object", "missing_id", "empty_id", "bad_type", "missing_text",

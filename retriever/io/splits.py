@@ -16,8 +16,8 @@ import hashlib
 import io
 import json
 
-from retriever import store
-from retriever.data import Dataset, write_qrels
+from retriever.io import store
+from retriever.io.formats import Dataset, write_qrels
 
 
 def _key(seed: int, qid: str) -> str:

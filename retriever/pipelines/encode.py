@@ -1,6 +1,6 @@
 """Corpus encoding on Ray Data: tokenize, encode in an actor pool, write embedding shards.
 
-A shard of :mod:`retriever.corpus_reader` is the unit of work, of retry and of output::
+A shard of :mod:`retriever.io.corpus` is the unit of work, of retry and of output::
 
     read (one streaming task) -> TokenizeShards (actor: Encoder.tokenize, no weights)
       -> EncodeShards (actor pool holding the model: length-sorted, token-budget batches)
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from retriever import embeddings, store
-from retriever.corpus_reader import SHARD_SCHEMA, CorpusSource, read_corpus
-from retriever.encoder import Encoder, EncoderConfig, token_budget_batches
+from retriever.io import embeddings, store
+from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
+from retriever.modeling.encoder import Encoder, EncoderConfig, token_budget_batches
 from retriever.errors import InputError
 
 AUX_CPUS = 0.1  # read, tokenize and each write task

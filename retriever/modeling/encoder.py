@@ -16,17 +16,17 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from retriever.device import Placement
-from retriever.models import EncoderDefaults, ResolvedModel, resolve_model
-from retriever.pooling import POOLINGS, pool
-from retriever.prompts import PROMPT_MODES, Template, one_word_template, with_instruction
+from retriever.modeling.device import Placement
+from retriever.modeling.registry import EncoderDefaults, ResolvedModel, resolve_model
+from retriever.modeling.pooling import POOLINGS, pool
+from retriever.modeling.prompts import PROMPT_MODES, Template, one_word_template, with_instruction
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EncoderConfig:
-    """How to embed; ``None`` fields take the model's defaults (see ``retriever.models``)."""
+    """How to embed; ``None`` fields take the model's defaults (see ``retriever.modeling.registry``)."""
 
     model: str = "minilm"
     pooling: str | None = None

@@ -219,7 +219,7 @@ def _infer_defaults(path: Path, config: dict) -> EncoderDefaults:
 
 def local_copy(url: str) -> Path:
     """A local copy of the model directory at fsspec ``url`` (downloaded when it changed)."""
-    from retriever import store
+    from retriever.io import store
 
     fs, root = store.filesystem(url)
     fs.invalidate_cache(root)
@@ -261,7 +261,7 @@ def local_copy(url: str) -> Path:
 def resolve_model(name_or_path: str) -> ResolvedModel:
     """A packaged name, an HF model directory, or a peft adapter directory (local path or a
     URL in object storage)."""
-    from retriever import store
+    from retriever.io import store
 
     if store.has_scheme(name_or_path) and not name_or_path.startswith("file://"):
         resolved = resolve_model(str(local_copy(name_or_path)))

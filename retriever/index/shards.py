@@ -39,7 +39,7 @@ Manifest keys: ``format`` ("retriever.index/1"), ``type``, ``factory``, ``metric
 per search parameter), ``train`` (sample size, seed), ``gpu``, ``source`` (embeddings URL,
 its manifest's sha256, encoder settings, dtype, rows), ``code_version``, ``created``.
 
-Search results follow trec_eval's order (``retriever.ranking``): a few extra neighbours are
+Search results follow trec_eval's order (``retriever.index.ranking``): a few extra neighbours are
 fetched per shard so a tie at the cut-off is broken by doc id, and the merge of the shards'
 top-k lists (``ranking.merge``) equals the top-k of one flat index over all documents.
 """
@@ -60,9 +60,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retriever import embeddings, store
+from retriever.io import embeddings, store
 from retriever.errors import InputError
-from retriever.ranking import Hit, merge, order
+from retriever.index.ranking import Hit, merge, order
 
 FORMAT = "retriever.index/1"
 MANIFEST = "manifest.json"
@@ -344,7 +344,7 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
 def flat_search(vectors: np.ndarray, ids: Sequence[str], queries: np.ndarray, k: int,
                 gpu: bool = False) -> list[list[Hit]]:
     """Exact top-k of ``queries`` over ``vectors`` in trec order (with the tie margin)."""
-    from retriever.search import ExactSearcher
+    from retriever.index.exact import ExactSearcher
 
     return ExactSearcher(vectors, ids, use_gpu=gpu).search(queries, k)
 
@@ -509,7 +509,7 @@ class Shard:
         index = _read_index(index_url)
         ids = store.read_parquet(store.join(folder, entry["ids"])).column("doc_id").to_pylist()
         if manifest["type"] == "flat" and use_gpu(gpu):
-            from retriever.search import to_gpu_if_available
+            from retriever.index.exact import to_gpu_if_available
 
             index = to_gpu_if_available(index)
         return cls(index, ids, manifest["type"], shard_name(number),

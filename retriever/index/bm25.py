@@ -10,7 +10,7 @@ from typing import Sequence
 import bm25s
 import numpy as np
 
-from retriever.ranking import Hit, order
+from retriever.index.ranking import Hit, order
 
 
 @dataclass

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from retriever import store
+from retriever.io import store
 from retriever.errors import InputError
 
 ENCODER_OPTIONS = {"prompt", "pooling", "query_prefix", "passage_prefix", "instruction",

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 
-from retriever import metrics
-from retriever.bm25 import BM25Config, BM25Index
-from retriever.data import Dataset
-from retriever.encoder import Encoder
-from retriever.ranking import Run, drop_identical_ids
-from retriever.search import ExactSearcher
+from retriever.evaluation import metrics
+from retriever.index.bm25 import BM25Config, BM25Index
+from retriever.io.formats import Dataset
+from retriever.modeling.encoder import Encoder
+from retriever.index.ranking import Run, drop_identical_ids
+from retriever.index.exact import ExactSearcher
 
 
 def dense_run(encoder: Encoder, dataset: Dataset, k: int = 1000) -> tuple[Run, dict]:
@@ -42,7 +42,7 @@ def bm25_run(dataset: Dataset, k: int = 1000,
 
 
 def score_run(dataset: Dataset, run: Run, ignore_identical_ids: bool = False) -> dict:
-    """Metrics (keys as in ``retriever.metrics.METRICS``) plus the counts behind them."""
+    """Metrics (keys as in ``retriever.evaluation.metrics.METRICS``) plus the counts behind them."""
     if ignore_identical_ids:
         run = drop_identical_ids(run)
     scores = metrics.evaluate(dataset.qrels, run)

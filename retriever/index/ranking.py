@@ -12,7 +12,7 @@ import heapq
 import io
 from typing import Iterable
 
-from retriever import store
+from retriever.io import store
 
 Hit = tuple[str, float]  # (doc_id, score)
 Run = dict[str, list[Hit]]  # query id -> hits in rank order
@@ -55,7 +55,7 @@ def write_trec(run: Run, url: str, tag: str = "retriever") -> None:
 
 
 def read_trec(url: str) -> Run:
-    from retriever.data import DataFormatError
+    from retriever.io.formats import DataFormatError
 
     run: Run = {}
     for number, line in enumerate(store.read_text(url).splitlines(), start=1):

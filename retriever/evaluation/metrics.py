@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytrec_eval
 
-from retriever.data import Qrels
-from retriever.ranking import Run, order
+from retriever.io.formats import Qrels
+from retriever.index.ranking import Run, order
 
 METRICS = {"ndcg@10": "ndcg_cut_10", "mrr@10": "recip_rank", "recall@100": "recall_100",
            "recall@1000": "recall_1000"}

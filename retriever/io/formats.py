@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from retriever import store
+from retriever.io import store
 from retriever.errors import InputError
 
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from retriever import store
+from retriever.io import store
 from retriever.errors import InputError
 
 FORMAT = "retriever.embeddings/1"

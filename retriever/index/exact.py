@@ -1,7 +1,7 @@
 """Exact inner-product search with FAISS (on all GPUs when present, else CPU).
 
 With L2-normalised vectors inner product is cosine similarity. Results come back in
-trec_eval order (see ``retriever.ranking``); a few extra neighbours are fetched so that a tie
+trec_eval order (see ``retriever.index.ranking``); a few extra neighbours are fetched so that a tie
 at the cut-off is still broken by doc id rather than by FAISS' internal order.
 """
 
@@ -12,7 +12,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from retriever.ranking import Hit, order
+from retriever.index.ranking import Hit, order
 
 TIE_MARGIN = 16
 

@@ -1,0 +1,1 @@
+"""Search structures: FAISS shards, exact search, BM25 and trec_eval-ordered rankings."""

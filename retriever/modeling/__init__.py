@@ -1,0 +1,1 @@
+"""Modelling: the model registry, the Encoder, pooling, prompts and the device policy."""

@@ -1,0 +1,1 @@
+"""Operations: the local Ray cluster, job submission and the capacity plan."""
