@@ -11,6 +11,11 @@ batch (the collectives of ZeRO and the gathered negatives need every rank at eve
 
 Queries with fewer mined negatives than a group needs reuse them (sampling with replacement);
 a query with none gets random negatives: other queries' positives.
+
+Each query in a micro-batch carries a key (``MicroBatch.query_ids``) that the loss uses to
+mask another group's positive of the *same* query. Examples without ``query_id`` (the usual
+Tevatron / sentence-transformers layout) are keyed by their query text: an empty key shared by
+every query would mask every in-batch negative and, with group size 1, make the loss 0.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ import numpy as np
 
 from retriever.io.formats import TrainingExample
 from retriever.errors import InputError
+
+
+def query_key(example: TrainingExample) -> str:
+    """What identifies the example's query: its id, else its text (never a shared empty key)."""
+    return f"id:{example.query_id}" if example.query_id else f"text:{example.query}"
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class GroupSampler:
                 for k in others:
                     other = self.examples[int(k)]
                     passages.append(other.positives[int(rng.integers(len(other.positives)))])
-        return ex.query, passages, ex.query_id
+        return ex.query, passages, query_key(ex)
 
     def micro_batch(self, step: int, micro: int, rank: int) -> MicroBatch:
         """The queries and passage groups worker ``rank`` trains on at ``(step, micro)``."""
