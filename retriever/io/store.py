@@ -31,6 +31,8 @@ import fsspec
 from fsspec.core import OpenFile, url_to_fs
 from fsspec.spec import AbstractBufferedFile
 
+from retriever.errors import InputError
+
 DEFAULT_ROOT = ".retriever"
 
 
@@ -49,10 +51,15 @@ def is_local(url: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    """Join URL path segments with '/', whatever the scheme."""
+    """Join URL path segments with '/', whatever the scheme.
+
+    The parts stay below ``base``: a part with a ``..`` segment (a name read from a manifest or
+    a remote listing, say) is refused rather than followed out of the folder."""
     out = base.rstrip("/")
     for part in parts:
         part = str(part).strip("/")
+        if ".." in part.replace("\\", "/").split("/"):
+            raise InputError(f"path {part!r} under {base!r}: '..' would leave the folder")
         if part:
             out = f"{out}/{part}"
     return out
