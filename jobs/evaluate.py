@@ -70,7 +70,7 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
     from jobs.index import IndexConfig
     from jobs.index import run as index
     from retriever.io.formats import load_dataset
-    from retriever.io.embeddings import code_version, now
+    from retriever.provenance import code_version, now
     from retriever.evaluation.runs import score_run
     from retriever.modeling.registry import resolve_model
     from retriever.index.ranking import write_trec

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retriever import provenance
 from retriever.io import embeddings, store
 from tests.helpers import dataset as dataset_path
 
@@ -34,8 +35,8 @@ def write_embeddings(folder: str, ids: list[str], vectors: np.ndarray, encoder: 
         parts.append({"file": name, "rows": stop - start, "sha256": embeddings.sha256_of(url)})
     manifest = {"format": embeddings.FORMAT, "encoder": encoder, "dim": int(vectors.shape[1]),
                 "dtype": dtype, "parts": parts, "rows": len(ids), "source": source or {},
-                "skipped": {}, "code_version": embeddings.code_version(),
-                "created": embeddings.now()}
+                "skipped": {}, "code_version": provenance.code_version(),
+                "created": provenance.now()}
     store.write_json(store.join(folder, embeddings.MANIFEST), manifest)
     return manifest
 

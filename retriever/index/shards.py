@@ -60,6 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retriever import provenance
 from retriever.io import embeddings, store
 from retriever.errors import InputError
 from retriever.index.ranking import Hit, merge, order
@@ -447,7 +448,7 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
                        store.join(embeddings_url, embeddings.MANIFEST)),
                    "encoder": source.get("encoder", {}), "dtype": source.get("dtype"),
                    "rows": rows},
-        "code_version": embeddings.code_version(), "created": embeddings.now(),
+        "code_version": provenance.code_version(), "created": provenance.now(),
     }
     store.write_json(store.join(out, MANIFEST), manifest)
     return manifest

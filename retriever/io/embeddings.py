@@ -14,16 +14,14 @@ Nothing here is pickled: parquet and JSON are safe to load from shared storage.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
-import subprocess
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from retriever.io import store
+from retriever.provenance import code_version, now
 from retriever.errors import InputError
 
 FORMAT = "retriever.embeddings/1"
@@ -59,27 +57,6 @@ def from_table(table: pa.Table) -> tuple[list[str], np.ndarray]:
 
 def sha256_of(url: str) -> str:
     return hashlib.sha256(store.read_bytes(url)).hexdigest()
-
-
-def code_version() -> str:
-    """The git commit of this checkout, or the package version outside a checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).resolve().parent, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llm-retriever")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def read_manifest(folder: str) -> dict:

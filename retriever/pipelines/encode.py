@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from retriever import provenance
 from retriever.io import embeddings, store
 from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
 from retriever.modeling.encoder import Encoder, EncoderConfig, token_budget_batches
@@ -243,7 +244,7 @@ def write_shards(batch: pa.Table, folder: str, embedding_dtype: str, key: str) -
                   "skipped": json.loads(row["skipped"]), "tokens": row["tokens"],
                   "padded_tokens": row["padded_tokens"], "seconds": row["seconds"],
                   "gpu_util": row["gpu_util"], "encoder": json.loads(row["settings"]),
-                  "created": embeddings.now()}
+                  "created": provenance.now()}
         store.write_json(store.join(folder, record_name(row["shard"])), record)
         rows.append({"shard": row["shard"], "status": "encoded", "last": row["last"],
                      "record": json.dumps(record)})
