@@ -24,7 +24,10 @@ def test_paired_t_test_matches_scipy_on_known_case():
 
 def test_paired_t_test_edge_cases():
     assert paired_t_test([1, 2, 3], [1, 2, 3]) == (0.0, 1.0)
-    assert paired_t_test([2, 3, 4], [1, 2, 3])[1] == 0.0
+    assert paired_t_test([2, 3, 4], [1, 2, 3]) == (math.inf, 0.0)
+    assert paired_t_test([1, 2, 3], [2, 3, 4]) == (-math.inf, 0.0)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        paired_t_test([1], [1])
     with pytest.raises(ValueError, match="differ in length"):
         paired_t_test([1, 2], [1])
 
@@ -57,6 +60,15 @@ def test_plot_and_html_report_render():
     page = html_report("Matrix", [("NDCG@10", markdown_table(_results(), ["bm25", "minilm"]))],
                        [("NDCG@10 per dataset", png)])
     assert "<table>" in page and "<b>0.8000</b>" in page and "data:image/png;base64," in page
+
+
+def test_html_report_escapes_text_and_keeps_table_markup():
+    table = "note <b>\n\n| a<b> | n |\n|---|---:|\n| *average* | **1 & 2** |"
+    page = html_report("A & B", [("<h>", table)], [])
+    assert "<title>A &amp; B</title>" in page and "<h2>&lt;h&gt;</h2>" in page
+    assert "<p class='note'>note &lt;b&gt;</p>" in page
+    assert "<th class='left'>a&lt;b&gt;</th><th class='right'>n</th>" in page
+    assert "<td class='left'><i>average</i></td><td class='right'><b>1 &amp; 2</b></td>" in page
 
 
 def test_throughput_cost_per_million_docs():

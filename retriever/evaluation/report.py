@@ -8,11 +8,11 @@ a two-sided paired t-test over per-query scores with p < 0.05.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from dataclasses import dataclass, field
 
+import jinja2
 from scipy import stats
 
 SIGNIFICANCE = 0.05
@@ -21,21 +21,19 @@ SIGNIFICANCE = 0.05
 def paired_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
     """Two-sided paired t-test of ``a`` against ``b``: (t statistic, p value).
 
-    Identical samples give (0, 1); a constant non-zero difference gives (inf, 0).
+    Identical samples give (0, 1); a constant non-zero difference gives (inf, 0). scipy would
+    return NaN (or warn of precision loss) for these zero-variance cases, so they are decided
+    here before calling it.
     """
     if len(a) != len(b):
         raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
-    n = len(a)
-    if n < 2:
-        raise ValueError(f"a paired t-test needs at least 2 pairs, got {n}")
+    if len(a) < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {len(a)}")
     diffs = [x - y for x, y in zip(a, b)]
-    mean = sum(diffs) / n
-    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    if variance == 0:
-        return (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
-    t = mean / math.sqrt(variance / n)
-    p = 2 * stats.t.sf(abs(t), df=n - 1)
-    return t, float(p)
+    if all(d == diffs[0] for d in diffs):
+        return (0.0, 1.0) if diffs[0] == 0 else (math.copysign(math.inf, diffs[0]), 0.0)
+    result = stats.ttest_rel(a, b)
+    return float(result.statistic), float(result.pvalue)
 
 
 @dataclass
@@ -129,52 +127,70 @@ def bar_chart_png(results: Results, models: list[str], metric: str = "ndcg@10") 
     return buffer.getvalue()
 
 
-def _markdown_to_html_table(markdown: str) -> str:
-    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+PAGE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
+<!doctype html><html><head><meta charset='utf-8'><title>{{ title }}</title>
+<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em}
+.right{text-align:right}.left{text-align:left}th{background:#f3f3f3}img{max-width:100%}
+p.note{color:#555}</style></head><body>
+<h1>{{ title }}</h1>
+{% for section in sections %}
+<h2>{{ section.heading }}</h2>
+{% for note in section.notes %}<p class='note'>{{ note }}</p>
+{% endfor %}
+<table>
+{% for row in section.rows %}<tr>
+{%- for cell in row.cells -%}
+<{{ row.tag }} class='{{ cell.align }}'>
+{%- if cell.style %}<{{ cell.style }}>{{ cell.text }}</{{ cell.style }}>
+{%- else %}{{ cell.text }}{% endif -%}
+</{{ row.tag }}>
+{%- endfor -%}
+</tr>
+{% endfor %}</table>
+{% endfor %}
+{% for image in images %}
+<h2>{{ image.caption }}</h2><img alt='{{ image.caption }}' src='data:image/png;base64,{{ image.data }}'>
+{% endfor %}
+</body></html>
+""")
+
+
+def _cell(text: str, align: str) -> dict[str, str | None]:
+    """One table cell: ``**x**`` is bold, ``*x*`` italic (the Markdown the tables use)."""
+    if text.startswith("**") and text.endswith("**"):
+        return {"text": text[2:-2], "style": "b", "align": align}
+    if text.startswith("*") and text.endswith("*"):
+        return {"text": text[1:-1], "style": "i", "align": align}
+    return {"text": text, "style": None, "align": align}
+
+
+def _section(heading: str, markdown: str) -> dict:
+    """A Markdown table (with note lines above it) as rows of cells for the page template."""
+    lines = markdown.splitlines()
+    rows = [line for line in lines if line.startswith("|")]
     # the |---|---:| rule says which columns are numbers (right-aligned)
     rule = [c.strip() for c in rows[1].strip("|").split("|")] if len(rows) > 1 else []
-    out = ["<table>"]
+    table = []
     for index, line in enumerate(rows):
         if index == 1:
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
-        tag = "th" if index == 0 else "td"
-        rendered = []
-        for column, cell in enumerate(cells):
-            align = "right" if column < len(rule) and rule[column].endswith(":") else "left"
-            text = html.escape(cell)
-            if text.startswith("**") and text.endswith("**"):
-                text = f"<b>{text[2:-2]}</b>"
-            if text.startswith("*") and text.endswith("*"):
-                text = f"<i>{text[1:-1]}</i>"
-            rendered.append(f"<{tag} class='{align}'>{text}</{tag}>")
-        out.append("<tr>" + "".join(rendered) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
+        aligns = ["right" if column < len(rule) and rule[column].endswith(":") else "left"
+                  for column in range(len(cells))]
+        table.append({"tag": "th" if index == 0 else "td",
+                      "cells": [_cell(c, a) for c, a in zip(cells, aligns)]})
+    return {"heading": heading, "notes": [line for line in lines if line and not line.startswith("|")],
+            "rows": table}
 
 
 def html_report(title: str, sections: list[tuple[str, str]], images: list[tuple[str, bytes]]
                 ) -> str:
     """A self-contained page: Markdown tables rendered as HTML tables, PNGs inlined."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-             "</title><style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:.3em .7em}.right{text-align:right}.left{text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%}p.note{color:#555}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    for heading, markdown in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        lines = markdown.splitlines()
-        notes = [line for line in lines if line and not line.startswith("|")]
-        for note in notes:
-            parts.append(f"<p class='note'>{html.escape(note)}</p>")
-        parts.append(_markdown_to_html_table(markdown))
-    for caption, png in images:
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
-                     f"src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return PAGE.render(
+        title=title, sections=[_section(heading, md) for heading, md in sections],
+        images=[{"caption": caption, "data": base64.b64encode(png).decode("ascii")}
+                for caption, png in images])
 
 
 def throughput_table(rows: list[dict], price_per_hour: float, hardware: str) -> str:
