@@ -29,6 +29,18 @@ def _pkg_name(req: str) -> str:
     return re.split(r"[<>=!~;\[ ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
+FAISS_BUILDS = {"faiss-cpu", "faiss-gpu-cu12"}  # both install the module `faiss`
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _extra(name: str) -> list[str]:
+    """The requirements of a pyproject extra, without environment markers."""
+    return [r.split(";")[0].strip() for r in _project()["optional-dependencies"][name]]
+
+
 # --------------------------------------------------------------------------- AWS launcher
 
 
@@ -74,12 +86,27 @@ def test_aws_yaml_installs_the_project(aws):
     commands = aws["setup_commands"] + [
         c for v in aws["available_node_types"].values() for c in v.get("worker_setup_commands", [])]
     assert any("pip install" in c and "-e ." in c for c in aws["setup_commands"])
-    gpu_types = [v for v in aws["available_node_types"].values() if v["resources"].get("GPU")]
-    for node in gpu_types:  # node-type worker_setup_commands replace the global ones
-        assert any("pip install" in c and "[gpu]" in c for c in node["worker_setup_commands"])
     assert commands
     for excluded in (".venv", ".git", ".retriever"):
         assert excluded in aws["rsync_exclude"]
+
+
+def test_aws_yaml_installs_one_faiss_build_per_node_type(aws):
+    """`cpu` on the head and CPU workers, `gpu` on GPU workers, never both on one node:
+    setup_commands run on every node, so they install neither."""
+    def flavours(commands):
+        return {f for c in commands if "pip install" in c for f in ("cpu", "gpu")
+                if f"[{f}]" in c or f",{f}]" in c}
+
+    assert flavours(aws["setup_commands"]) == set(), "setup_commands run on GPU nodes too"
+    assert flavours(aws["head_setup_commands"]) == {"cpu"}
+    for name, node in aws["available_node_types"].items():
+        if name == aws["head_node_type"]:
+            continue
+        want = "gpu" if node["resources"].get("GPU") else "cpu"
+        # node-type worker_setup_commands replace the global ones
+        assert flavours(node.get("worker_setup_commands", aws["worker_setup_commands"])) == \
+            {want}, name
 
 
 # --------------------------------------------------------------------------- KubeRay
@@ -139,6 +166,26 @@ def test_rayjob_structure(manifests, job):
     assert spec["shutdownAfterJobFinishes"] is True
     _check_cluster_spec(spec["rayClusterSpec"], job, want_gpu=job in GPU_JOBS,
                         scale_from_zero=True)
+
+
+def _ray_containers(doc: dict) -> list[tuple[str, dict]]:
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g)
+                                                 for g in spec["workerGroupSpecs"]]
+    return [(name, g["template"]["spec"]["containers"][0]) for name, g in groups]
+
+
+@pytest.mark.parametrize("job", sorted(RAYJOBS) + ["search"])
+def test_kuberay_groups_install_their_own_faiss_build(manifests, job):
+    """Each pod's `command` (run by KubeRay before `ray start`) installs exactly pyproject's
+    `gpu` extra on GPU pods and its `cpu` extra elsewhere; the shared pip list has no FAISS."""
+    for name, container in _ray_containers(manifests[job]):
+        gpu = "nvidia.com/gpu" in container["resources"].get("limits", {})
+        command = " ".join(container.get("command", []))
+        assert "ray start" not in command, "KubeRay appends its own ray start"
+        installed = sorted(re.findall(r'"([^"]+)"', command))
+        assert "pip install" in command and installed == sorted(_extra("gpu" if gpu else "cpu")), \
+            (job, name, command)
 
 
 @pytest.mark.parametrize("job", sorted(RAYJOBS))
@@ -222,11 +269,31 @@ def test_runtime_env_pip_matches_kuberay_and_pyproject(manifests):
         assert env["pip"]["packages"] == packages, f"{name}: pip list differs from runtime_env.yaml"
         for key, value in base["env_vars"].items():
             assert env["env_vars"][key] == value, name
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {_pkg_name(d) for d in project["dependencies"]}
+    declared = {_pkg_name(d) for d in _project()["dependencies"]}
     for req in packages:
         assert _pkg_name(req) in declared, f"{req} is not a project dependency"
     assert "ray" not in {_pkg_name(r) for r in packages}, "a job must not reinstall Ray"
+    assert not FAISS_BUILDS & {_pkg_name(r) for r in packages}, \
+        "FAISS is per node group: a job-wide pip list would put faiss-cpu on GPU nodes"
+
+
+def test_faiss_builds_are_exclusive_extras():
+    """`pip install -e .[gpu]` must not install faiss-cpu: base has no FAISS, and the
+    `cpu` and `gpu` extras hold one build each."""
+    project = _project()
+    assert not FAISS_BUILDS & {_pkg_name(d) for d in project["dependencies"]}
+    cpu, gpu = ({_pkg_name(r) for r in _extra(e)} for e in ("cpu", "gpu"))
+    assert cpu & FAISS_BUILDS == {"faiss-cpu"} and gpu & FAISS_BUILDS == {"faiss-gpu-cu12"}
+    assert "nvidia-ml-py" in gpu, "GPU utilisation in the encode summary needs NVML"
+    for name, requirements in project["optional-dependencies"].items():
+        if name not in ("cpu", "gpu"):
+            assert not FAISS_BUILDS & {_pkg_name(r) for r in requirements}, name
+
+
+def test_setup_script_installs_one_faiss_extra():
+    script = (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'pip install -e ".[models,test,$FLAVOUR]"' in script
+    assert "FLAVOUR=gpu" in script and "FLAVOUR=cpu" in script
 
 
 def test_ray_version_is_the_same_everywhere(aws, manifests):
