@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import submit
 from jobs.cli import main as cli
+from jobs.submit import job_module
 from retriever.ops import cluster as lc
+from retriever.ops import submit
 
 # Ray's own job SDK opens its log websocket with a deprecated aiohttp argument.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -31,12 +32,12 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 
 
 def test_job_names_map_to_modules():
-    assert submit.job_module("plan") == "jobs.plan"
-    assert submit.job_module("eval") == "jobs.eval"
-    assert submit.job_module("jobs.encode") == "jobs.encode"
-    assert submit.job_module("encode") == "jobs.encode"
+    assert job_module("plan") == "jobs.plan"
+    assert job_module("eval") == "jobs.eval"
+    assert job_module("jobs.encode") == "jobs.encode"
+    assert job_module("encode") == "jobs.encode"
     with pytest.raises(ValueError):
-        submit.job_module("submit")
+        job_module("submit")
 
 
 def test_entrypoint_quotes_arguments():

@@ -40,11 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+import httpx
 
 HOST = "127.0.0.1"
 
@@ -201,9 +202,10 @@ def _auth_mode() -> str:
 
 
 def _http_json(url: str, timeout: float = 2.0) -> Any:
-    request = urllib.request.Request(url, headers=auth_headers())
-    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - loopback only
-        return json.loads(resp.read().decode("utf-8"))
+    """GET a dashboard URL with our token; HTTP errors raise ``httpx.HTTPStatusError``."""
+    response = httpx.get(url, headers=auth_headers(), timeout=timeout)
+    response.raise_for_status()
+    return response.json()
 
 
 def alive_nodes(dashboard_url: str) -> list[dict[str, Any]]:
