@@ -17,8 +17,17 @@ from retriever.index.ranking import Hit, order
 TIE_MARGIN = 16
 
 
+def faiss_gpu_count() -> int:
+    """GPUs FAISS may use here: FAISS' own count (0 for a CPU build), and none unless the
+    caller may use a GPU (inside a Ray task or actor: one Ray assigned to it)."""
+    from retriever.modeling.device import usable_gpu_count
+
+    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return min(faiss_gpus, usable_gpu_count()) if faiss_gpus else 0
+
+
 def to_gpu_if_available(index: "faiss.Index") -> "faiss.Index":
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    if faiss_gpu_count() > 0:
         return faiss.index_cpu_to_all_gpus(index)
     return index
 

@@ -29,9 +29,10 @@ Recall@k is measured while building: a sample of documents serves as queries (ea
 document excluded from both rankings); every shard reports its exact and approximate top-k
 for them, and the merged rankings are compared, exactly as the serve router merges them.
 
-GPU FAISS is used when a GPU is present (``faiss.get_num_gpus() > 0``): k-means of the IVF
-quantiser runs on all GPUs, and flat shards are searched there. Shards are always written
-from the CPU form.
+GPU FAISS is used where a GPU is usable (``gpu_count() > 0``: a GPU build of FAISS, and a GPU
+Ray assigned to the task or actor doing the work, or, outside Ray, one CUDA shows): k-means of
+the IVF quantiser runs on all GPUs of the driver, each shard task decides for itself, and
+flat shards are searched there. Shards are always written from the CPU form.
 
 Manifest keys: ``format`` ("retriever.index/1"), ``type``, ``factory``, ``metric``, ``dim``,
 ``rows``, ``shards`` (list of {"index", "ids", "rows", "start", "sha256", "ids_sha256"}),
@@ -95,11 +96,15 @@ def shard_range(rows: int, number: int, shards: int) -> tuple[int, int]:
 
 
 def gpu_count() -> int:
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    """GPUs FAISS may use here (``retriever.index.exact.faiss_gpu_count``)."""
+    from retriever.index.exact import faiss_gpu_count
+
+    return faiss_gpu_count()
 
 
 def use_gpu(setting: str | bool = "auto") -> bool:
-    """``auto`` (GPU when present), ``yes``/True or ``no``/False."""
+    """``auto`` (GPU when present), ``yes``/True or ``no``/False, decided where it is called:
+    call it in the task that does the work, not in the driver that schedules it."""
     if isinstance(setting, bool):
         wanted = setting
     elif setting in ("auto", "yes", "no"):
@@ -107,7 +112,8 @@ def use_gpu(setting: str | bool = "auto") -> bool:
     else:
         raise ValueError(f"gpu {setting!r}: expected auto, yes or no")
     if wanted and gpu_count() == 0:
-        raise InputError("gpu=yes but FAISS sees no GPU (install faiss-gpu and check CUDA)")
+        raise InputError("gpu=yes but FAISS sees no GPU here (install the `gpu` extra, check "
+                         "CUDA, and give the Ray task or actor a GPU)")
     return wanted
 
 
@@ -262,18 +268,33 @@ def sample_rows(folder: str, manifest: dict, size: int, seed: int,
 
 # --------------------------------------------------------------------------- building
 
+@contextlib.contextmanager
+def gpu_clustering(index: "faiss.Index", dim: int) -> Iterator["faiss.Index | None"]:
+    """While the block runs, the k-means of an IVF ``index`` assigns points on all GPUs.
+
+    ``clustering_index`` is a plain SWIG pointer that neither owns nor keeps alive what is
+    assigned to it: the GPU index is held here until the block ends, then detached (as FAISS'
+    own examples keep it in a variable). Not an IVF index: nothing changes (yields None).
+    """
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        yield None
+        return
+    clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
+    ivf.clustering_index = clustering
+    try:
+        yield clustering
+    finally:
+        ivf.clustering_index = None
+
+
 def train(factory: str, vectors: np.ndarray, gpu: bool = False) -> bytes:
     """An empty index with its quantiser / codebooks trained on ``vectors`` (FAISS bytes)."""
     index = new_index(factory, vectors.shape[1])
     if not index.is_trained:
-        if gpu:
-            with contextlib.suppress(RuntimeError):  # not an IVF index: train on the CPU
-                ivf = faiss.extract_index_ivf(index)
-                ivf.clustering_index = faiss.index_cpu_to_all_gpus(
-                    faiss.IndexFlatL2(vectors.shape[1]))
-        index.train(np.ascontiguousarray(vectors, dtype=np.float32))
-        with contextlib.suppress(RuntimeError):
-            faiss.extract_index_ivf(index).clustering_index = None
+        with gpu_clustering(index, vectors.shape[1]) if gpu else contextlib.nullcontext():
+            index.train(np.ascontiguousarray(vectors, dtype=np.float32))
     return to_bytes(index)
 
 
@@ -294,12 +315,15 @@ def _drop_self(hits: list[list[Hit]], probe: RecallProbe, k: int) -> list[list[H
 
 def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, factory: str,
                 out: str, trained: bytes | None = None, probe: RecallProbe | None = None,
-                gpu: bool = False, add_batch: int = 65536) -> dict:
+                gpu: str | bool = False, add_batch: int = 65536) -> dict:
     """Build shard ``number`` and write it and its id map under ``out``.
+
+    ``gpu`` is the setting (auto / yes / no), resolved here, in the task that builds the shard.
 
     Returns its manifest entry; with a ``probe``, also ``probe_exact`` (exact top-k of this
     shard for the probe queries) and ``probe_approx`` ({search value: top-k}).
     """
+    gpu = use_gpu(gpu)
     manifest = embeddings.read_manifest(embeddings_url)
     dim = int(manifest["dim"])
     start, stop = shard_range(int(manifest["rows"]), number, shards)
@@ -329,7 +353,7 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
     store.write_parquet(ids_table, ids_url)
     entry = {"index": index_name(number), "ids": ids_name(number), "rows": len(ids),
              "start": start, "sha256": hashlib.sha256(data).hexdigest(),
-             "ids_sha256": embeddings.sha256_of(ids_url)}
+             "ids_sha256": embeddings.sha256_of(ids_url), "gpu": gpu}
     if probe is not None and spec.type in PARAM:
         shard = Shard(index, ids, spec.type, name=shard_name(number))
         entry["probe_exact"] = _drop_self(exact or [[] for _ in probe.ids], probe,
@@ -395,7 +419,8 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
         raise InputError(f"{embeddings_url}: {rows} rows cannot fill {shards} shards")
     if store.exists(store.join(out, MANIFEST)):
         raise InputError(f"{out}: already holds an index (manifest.json); choose another --out")
-    on_gpu = use_gpu(gpu)
+    # Training runs here; the shards decide for themselves where they run (``build_shard``).
+    on_gpu = use_gpu("auto" if run_all and gpu in ("yes", True) else gpu)
     train_rows = min(train_sample, rows)
     factory = spec.factory_string(dim, rows, train_rows)
     probe_index = new_index(factory, dim)
@@ -430,9 +455,10 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
 
     shared = {"embeddings_url": embeddings_url, "shards": shards, "spec": spec,
               "factory": factory, "out": out, "trained": trained, "probe": probe,
-              "gpu": on_gpu}
+              "gpu": gpu}
     entries = (run_all(build_shard, shards, shared) if run_all else
                [build_shard(number=n, **shared) for n in range(shards)])
+    on_gpu = any([on_gpu] + [entry.pop("gpu") for entry in entries])
     recall_info = merge_probe(entries, spec) if probe is not None else None
     if recall_info is not None:
         recall_info["queries_from"] = queries or "sampled documents (own doc excluded)"

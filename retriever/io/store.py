@@ -94,11 +94,6 @@ def listdir(url: str) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
-def makedirs(url: str) -> None:
-    fs, path = filesystem(url)
-    fs.makedirs(path, exist_ok=True)
-
-
 @contextlib.contextmanager
 def open_write(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open ``url`` for writing; local files appear atomically when the block exits cleanly."""

@@ -5,11 +5,18 @@
   cost is measured by ``benchmarks/bf16_quality.py``, and fp32 stays one option away.
 - Any other CPU: fp32. Collectives on CPU use gloo.
 Training on CPU always runs in fp32 (bf16 there is only used for inference).
+
+Whether a GPU may be used is decided where the work runs, not in the driver that schedules
+it: inside a Ray task or actor, by the GPUs Ray assigned to it (none when it asked for none,
+whatever the node holds); elsewhere by the CUDA devices the process sees
+(:func:`usable_gpu_count`). :func:`gpus_to_request` is the driver's half: how many GPUs a
+task should ask Ray for.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +59,39 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def collective_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def ray_assigned_gpu_ids() -> list[str] | None:
+    """The GPU ids Ray assigned to the calling task or actor; ``None`` outside a Ray worker
+    (no Ray, or the driver). Ray is not imported here when the caller has not used it."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    from ray._private.worker import WORKER_MODE
+
+    if getattr(context.worker, "mode", None) != WORKER_MODE:
+        return None
+    return [str(i) for i in context.get_accelerator_ids().get("GPU", [])]
+
+
+def usable_gpu_count() -> int:
+    """GPUs the calling code may use: Ray's assignment inside a task or actor, else the CUDA
+    devices this process sees."""
+    assigned = ray_assigned_gpu_ids()
+    if assigned is not None:
+        return len(assigned)
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpus_to_request(setting: str | bool = "auto") -> int:
+    """GPUs a Ray task should ask for under a ``gpu`` setting: ``yes``/True one, ``no``/False
+    none, ``auto`` one when the Ray cluster has GPUs (wherever the driver itself runs)."""
+    if isinstance(setting, bool) or setting in ("yes", "no"):
+        return int(setting in (True, "yes"))
+    if setting != "auto":
+        raise ValueError(f"gpu {setting!r}: expected auto, yes or no")
+    import ray
+
+    return int(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -486,13 +486,3 @@ def status(state_path: str | os.PathLike | None = None) -> dict[str, Any]:
     with contextlib.suppress(Exception):
         info["alive_nodes"] = len(alive_nodes(cluster.dashboard_url))
     return info
-
-
-@contextlib.contextmanager
-def local_cluster(config: LocalClusterConfig | None = None) -> Iterator[LocalCluster]:
-    """``with local_cluster(cfg) as c: ...`` -- the cluster is torn down however the block ends."""
-    cluster = up(config)
-    try:
-        yield cluster
-    finally:
-        down(cluster.state_path)

@@ -52,6 +52,7 @@ ENCODED_SCHEMA = pa.schema([f for f in SHARD_SCHEMA if f.name != "texts"] + [
     pa.field("vectors", pa.large_binary()), pa.field("dim", pa.int32()),
     pa.field("tokens", pa.int64()), pa.field("padded_tokens", pa.int64()),
     pa.field("seconds", pa.float64()), pa.field("gpu_util", pa.float64()),
+    pa.field("gpu_memory_gb", pa.float64()),
     pa.field("settings", pa.string())])
 SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("status", pa.string()),
                             ("last", pa.bool_()), ("record", pa.string())])
@@ -166,7 +167,8 @@ class TokenizeShards:
 
 
 class _GpuSampler:
-    """Samples ``torch.cuda.utilization()`` twice a second (needs pynvml; else nothing)."""
+    """Samples ``torch.cuda.utilization()`` twice a second (NVML, from the ``gpu`` extra's
+    nvidia-ml-py; without it nothing), and reads torch's peak GPU memory per shard."""
 
     def __init__(self):
         self.samples: list[float] = []
@@ -186,6 +188,15 @@ class _GpuSampler:
         samples, self.samples = self.samples, []
         return sum(samples) / len(samples) if samples else None
 
+    @staticmethod
+    def peak_memory_gb() -> float:
+        """GiB held by tensors at the peak since the last call (torch's counter, no NVML)."""
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+
 
 class EncodeShards:
     """Ray Data UDF held by each actor of the pool: the model, one shard per call."""
@@ -204,16 +215,19 @@ class EncodeShards:
         for row in batch.to_pylist():
             ids = row.pop("input_ids")
             vectors = np.zeros((0, self.encoder.dim), np.float32)
-            stats = {"tokens": 0, "padded_tokens": 0, "seconds": 0.0, "gpu_util": None}
+            stats = {"tokens": 0, "padded_tokens": 0, "seconds": 0.0, "gpu_util": None,
+                     "gpu_memory_gb": None}
             if not row["done"] and ids:
                 if self.gpu:
-                    self.gpu.take()
+                    self.gpu.take()  # from here on: this shard's samples and peak only
+                    self.gpu.peak_memory_gb()
                 started = time.perf_counter()
                 vectors = self.encoder.encode_ids(ids)
                 stats["seconds"] = time.perf_counter() - started
                 stats["tokens"], stats["padded_tokens"] = padding(
                     [len(r) for r in ids], config.batch_size, config.max_tokens_per_batch)
                 stats["gpu_util"] = self.gpu.take() if self.gpu else None
+                stats["gpu_memory_gb"] = self.gpu.peak_memory_gb() if self.gpu else None
             row.update(vectors=vectors.astype(np.float32).tobytes(), dim=self.encoder.dim,
                        settings=self.settings, **stats)
             rows.append(row)
@@ -243,7 +257,8 @@ def write_shards(batch: pa.Table, folder: str, embedding_dtype: str, key: str) -
                   "input_sha256": row["input_sha256"], "last": row["last"],
                   "skipped": json.loads(row["skipped"]), "tokens": row["tokens"],
                   "padded_tokens": row["padded_tokens"], "seconds": row["seconds"],
-                  "gpu_util": row["gpu_util"], "encoder": json.loads(row["settings"]),
+                  "gpu_util": row["gpu_util"], "gpu_memory_gb": row["gpu_memory_gb"],
+                  "encoder": json.loads(row["settings"]),
                   "created": provenance.now()}
         store.write_json(store.join(folder, record_name(row["shard"])), record)
         rows.append({"shard": row["shard"], "status": "encoded", "last": row["last"],
@@ -390,6 +405,7 @@ class EncodeResult:
     skipped: dict[str, int]
     gpu_util: float | None
     resources: str
+    gpu_memory_gb: float | None = None  # the largest per-actor peak
     manifest: dict | None = None
     stale_removed: list[str] = field(default_factory=list)
 
@@ -407,6 +423,8 @@ class EncodeResult:
 
     def summary(self) -> str:
         gpu = f"GPU util {self.gpu_util:.0f}%" if self.gpu_util is not None else "GPU util n/a"
+        if self.gpu_memory_gb is not None:
+            gpu += f", GPU memory peak {self.gpu_memory_gb:.1f} GiB"
         state = (f"complete: {self.rows_total} embeddings in {self.shards_total} shards"
                  if self.complete else "INCOMPLETE (no manifest yet): re-run to finish")
         bad = sum(self.skipped.values())
@@ -426,12 +444,14 @@ def finish(folder: str, source: CorpusSource, rows: list[dict], done: dict[int, 
     complete = last is not None and seen == set(range(last + 1))
     new = list(encoded.values())
     utils = [r["gpu_util"] for r in new if r.get("gpu_util") is not None]
+    peaks = [r["gpu_memory_gb"] for r in new if r.get("gpu_memory_gb") is not None]
     result = EncodeResult(
         folder=folder, shards_encoded=len(encoded), shards_reused=len(seen - set(encoded)),
         docs=sum(r["rows"] for r in new), seconds=seconds, tokens=sum(r["tokens"] for r in new),
         padded_tokens=sum(r["padded_tokens"] for r in new), complete=complete,
         shards_total=last + 1 if complete else None, rows_total=None, skipped={},
-        gpu_util=sum(utils) / len(utils) if utils else None, resources=resources.describe())
+        gpu_util=sum(utils) / len(utils) if utils else None, resources=resources.describe(),
+        gpu_memory_gb=max(peaks) if peaks else None)
     if not complete:
         for r in new:
             _add_counts(result.skipped, r["skipped"]["counts"])

@@ -131,9 +131,6 @@ class Engine:
 
     # ---------------------------------------------------------------- state (collective)
 
-    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(name, p) for p, name in self.names.items()]
-
     def full_weights(self) -> dict[str, torch.Tensor]:
         """Full fp32 trainable weights by name; a collective: every rank must call it."""
         raise NotImplementedError

@@ -14,7 +14,6 @@ Directories are written locally, then copied file by file into the store (any fs
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -92,7 +91,3 @@ def download_dir(url: str, local: str | Path) -> Path:
     fs, path = store.filesystem(url)
     fs.get(path.rstrip("/") + "/", str(local) + os.sep, recursive=True)
     return local
-
-
-def read_settings(url: str) -> dict:
-    return json.loads(store.read_text(store.join(url, SETTINGS_FILE)))

@@ -57,7 +57,3 @@ def apply_lora(model: torch.nn.Module, config, seed: int):
         return get_peft_model(model, config)
     finally:
         torch.random.set_rng_state(state)
-
-
-def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
