@@ -50,13 +50,14 @@ def corpus_file(name: str, limit: int | None, folder: Path) -> tuple[Path, list[
 
 
 def run_job(corpus: Path, out: Path, args, dtype: str = "auto"):
-    from jobs.encode import EncodeConfig, run
+    from retriever.modeling.encoder import EncoderConfig
+    from retriever.pipelines.encode import EncodeOptions, encode_corpus
 
     started = time.perf_counter()
-    result = run(EncodeConfig(corpus=str(corpus), out=str(out), model=args.model, dtype=dtype,
-                              docs_per_shard=args.docs_per_shard, actors=args.actors,
-                              threads_per_actor=args.threads_per_actor,
-                              embedding_dtype="float32"))
+    options = EncodeOptions(encoder=EncoderConfig(model=args.model, dtype=dtype),
+                            docs_per_shard=args.docs_per_shard, actors=args.actors,
+                            threads_per_actor=args.threads_per_actor, embedding_dtype="float32")
+    result = encode_corpus(str(corpus), options, str(out))
     wall = time.perf_counter() - started
     assert result.complete, result.summary()
     return result, wall

@@ -5,133 +5,42 @@ builds the N shards (in this process, or as Ray tasks with ``--workers W``), mea
 against exact search for IVF-PQ / HNSW and picks ``nprobe`` / ``efSearch``, and writes
 ``shard-*.faiss``, ``shard-*.ids.parquet`` and ``manifest.json`` (last) under ``--out``
 (default ``<store>/indexes/<corpus>/<model>/<type>-<N>`` when the embeddings sit at
-``<store>/embeddings/<corpus>/<model>``). See ``retriever/index/shards.py`` for the format.
+``<store>/embeddings/<corpus>/<model>``). See ``retriever/index/build.py``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever.index import shards as sh
-from retriever.io import store
-from retriever.errors import InputError
-
-
-@dataclass
-class IndexConfig:
-    """Build N FAISS shards (flat / IVF-PQ / HNSW) from an embedding dataset."""
-
-    embeddings: str = field(metadata={"help": "embedding folder URL (parts + manifest.json)"})
-    out: str | None = field(default=None, metadata={"help": "index folder URL"})
-    shards: int = field(default=1, metadata={"help": "number of shards"})
-    type: str = field(default="flat", metadata={"help": "index type",
-                                                "choices": list(sh.TYPES)})
-    factory: str | None = field(default=None,
-                                metadata={"help": "explicit FAISS factory string (inner product)"})
-    nlist: int | None = field(default=None, metadata={
-        "help": "ivfpq: coarse centroids (default ~4 sqrt(rows), power of two)"})
-    pq_m: int | None = field(default=None, metadata={
-        "help": "ivfpq: PQ sub-quantisers (default ~dim/8)"})
-    pq_nbits: int | None = field(default=None, metadata={
-        "help": "ivfpq: bits per PQ code (default 8, fewer when the sample is small)"})
-    hnsw_m: int = field(default=32, metadata={"help": "hnsw: links per node"})
-    ef_construction: int = field(default=200, metadata={"help": "hnsw: efConstruction"})
-    nprobe: int | None = field(default=None, metadata={
-        "help": "ivfpq: nprobe (default: smallest power of two reaching --target-recall)"})
-    ef_search: int | None = field(default=None, metadata={
-        "help": "hnsw: efSearch (default: smallest reaching --target-recall)"})
-    target_recall: float = field(default=0.95, metadata={"help": "recall@10 vs exact search"})
-    recall_queries: int = field(default=1000, metadata={
-        "help": "queries sampled to measure recall@10 vs exact search (0: skip)"})
-    queries: str | None = field(default=None, metadata={
-        "help": "embedding folder of query vectors for the recall measurement "
-                "(default: sampled documents, each one's own doc excluded)"})
-    refine: str = field(default="SQ8", metadata={
-        "help": "ivfpq: re-rank candidates with SQ8 | SQfp16 | Flat codes, or none"})
-    k_factor: int = field(default=4, metadata={"help": "ivfpq: re-ranked = k_factor x k"})
-    train_sample: int = field(default=100_000, metadata={"help": "IVF training sample size"})
-    seed: int = 0
-    gpu: str = field(default="auto", metadata={"help": "use GPU FAISS", "choices":
-                                               ["auto", "yes", "no"]})
-    workers: int = field(default=0, metadata={
-        "help": "0: build shards in this process; W>0: as Ray tasks, at most W at a time"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs per shard task"})
-
-
-def default_out(embeddings_url: str, index_type: str, shards: int) -> str:
-    parts = embeddings_url.rstrip("/").split("/")
-    if len(parts) >= 3 and parts[-3] == "embeddings":
-        root = "/".join(parts[:-3])
-        return store.join(root, "indexes", parts[-2], parts[-1], f"{index_type}-{shards}")
-    raise InputError(f"--out is needed: {embeddings_url} is not under <store>/embeddings/"
-                     "<corpus>/<model>")
-
-
-def ray_runner(workers: int, cpus: float, gpu: bool):
-    """``run_all`` for ``shards.build``: one Ray task per shard, at most ``workers`` at once."""
-    import ray
-
-    if not ray.is_initialized():  # $RAY_ADDRESS under `ray job submit`, else a local cluster
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-
-    def run_all(fn, n, shared):
-        task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0)(fn)
-        refs = {name: ray.put(value) for name, value in shared.items()}  # shipped once
-        pending, results = {}, {}
-        for number in range(n):
-            if len(pending) >= workers:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                results[pending.pop(done[0])] = ray.get(done[0])
-            pending[task.remote(number=number, **refs)] = number
-        for ref, number in pending.items():
-            results[number] = ray.get(ref)
-        return [results[i] for i in range(n)]
-
-    return run_all
+from retriever.index.build import IndexBuildConfig as IndexConfig
+from retriever.index.build import build_index
 
 
 def run(config: IndexConfig) -> dict:
-    search_value = config.nprobe if config.type == "ivfpq" else (
-        config.ef_search if config.type == "hnsw" else None)
-    spec = sh.IndexSpec(type=config.type, factory=config.factory, nlist=config.nlist,
-                        pq_m=config.pq_m, pq_nbits=config.pq_nbits,
-                        refine=None if config.refine.lower() == "none" else config.refine,
-                        k_factor=config.k_factor, hnsw_m=config.hnsw_m,
-                        ef_construction=config.ef_construction, search_value=search_value,
-                        target_recall=config.target_recall)
-    out = config.out or default_out(config.embeddings, config.type, config.shards)
-    run_all = None
-    if config.workers > 0:
-        run_all = ray_runner(config.workers, config.cpus_per_worker, sh.use_gpu(config.gpu))
-    started = time.time()
-    manifest = sh.build(config.embeddings, out, config.shards, spec,
-                        train_sample=config.train_sample, recall_queries=config.recall_queries,
-                        seed=config.seed, gpu=config.gpu, queries=config.queries,
-                        run_all=run_all)
-    manifest["out"] = out
-    manifest["seconds"] = time.time() - started
-    return manifest
+    """Build the index (see :func:`retriever.index.build.build_index`)."""
+    return build_index(config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = cfg.parse(IndexConfig, argv, prog="retriever index")
-    manifest = run(config)
+def describe(manifest: dict) -> str:
+    """What was built, in a few lines."""
     rows = [s["rows"] for s in manifest["shards"]]
-    print(f"{manifest['type']} index ({manifest['factory']}, {manifest['metric']}): "
-          f"{manifest['rows']} rows x {manifest['dim']} dims in {len(rows)} shards {rows}, "
-          f"{manifest['seconds']:.1f} s")
+    lines = [f"{manifest['type']} index ({manifest['factory']}, {manifest['metric']}): "
+             f"{manifest['rows']} rows x {manifest['dim']} dims in {len(rows)} shards {rows}, "
+             f"{manifest['seconds']:.1f} s"]
     recall = manifest.get("recall")
     if recall:
         curve = ", ".join(f"{v}: {r:.3f}" for v, r in recall["per_value"].items())
-        print(f"recall@{recall['at']} vs exact ({recall['queries']} queries from "
-              f"{recall['queries_from']}): "
-              f"{recall['value']:.4f} at {recall['param']}={recall['chosen']} "
-              f"(target {recall['target']}); {recall['param']} -> recall: {curve}")
-    print(f"wrote {manifest['out']}/manifest.json")
+        lines.append(f"recall@{recall['at']} vs exact ({recall['queries']} queries from "
+                     f"{recall['queries_from']}): {recall['value']:.4f} at {recall['param']}="
+                     f"{recall['chosen']} (target {recall['target']}); {recall['param']} -> "
+                     f"recall: {curve}")
+    lines.append(f"wrote {manifest['out']}/manifest.json")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(describe(run(cfg.parse(IndexConfig, argv, prog="retriever index"))))
     return 0
 
 

@@ -1,40 +1,125 @@
-"""Typed job configs: a dataclass per job, filled from a YAML/JSON file and/or flags.
+"""Typed job configs: a dataclass per job, filled from flags and/or a YAML/JSON file.
 
-``parse(EvalConfig, argv)`` builds an argparse parser from the dataclass fields (``--field-name``
-flags, types from annotations, help from ``field(metadata={"help": ...})``) and accepts
-``--config FILE`` whose keys are the same field names; flags override the file.
+``parse(EvalConfig, argv, prog)`` builds a jsonargparse parser from the dataclass: one
+``--field-name`` flag per field, typed by its annotation (YAML values are type-checked too, and
+an error names the key), help from ``field(metadata={"help": ...})``, ``choices`` from
+``metadata={"choices": [...]}``; ``--config FILE`` (YAML or JSON, a local path or any fsspec URL)
+holds the same keys; flags win over the file; unknown keys are an error.
+
+A field declared with :func:`flat` holds a nested config (e.g. the ``EncoderConfig``) whose
+fields are the job's own top-level options: ``--model``/``model:``, not ``--encoder.model``.
+So an option is declared once, where it belongs, and every job that needs it nests that
+config. :func:`to_dict` gives the flat options back; :func:`build` makes a config from them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import typing
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, TypeVar
 
 T = TypeVar("T")
+FLAT = "flat_options"  # field metadata key: a nested config whose options are top level
 
 
-def _base_type(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0]) if len(args) == 1 else str
-    return origin or annotation
+def flat(config_class: type, *, only: tuple[str, ...] | None = None, **defaults) -> Any:
+    """A field holding ``config_class(**defaults)``, its options flattened into the job's.
+
+    ``only`` keeps some of its options (the others stay at their defaults); ``defaults`` are
+    this job's own defaults for some of them (e.g. a smaller batch size)."""
+    return dataclasses.field(default_factory=lambda: config_class(**defaults),
+                             metadata={FLAT: only or ()})
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+@dataclass(frozen=True)
+class Option:
+    """One top-level option: its flat name, where it lives in the config, its declaration."""
+
+    name: str
+    path: tuple[str, ...]
+    annotation: Any
+    default: Any  # dataclasses.MISSING when required
+    metadata: Any
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _is_flat(f: dataclasses.Field) -> bool:
+    return FLAT in f.metadata
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def options(cls: type) -> list[Option]:
+    """The flat options of a config class, nested :func:`flat` configs included."""
+    hints = typing.get_type_hints(cls)
+    found: list[Option] = []
+    for f in dataclasses.fields(cls):
+        if not _is_flat(f):
+            found.append(Option(f.name, (f.name,), hints[f.name], _default(f), f.metadata))
+            continue
+        inner = f.default_factory()
+        only = f.metadata[FLAT]
+        for option in options(type(inner)):
+            if only and option.name not in only:
+                continue
+            default = _get(inner, option.path)
+            found.append(dataclasses.replace(option, path=(f.name, *option.path),
+                                             default=default))
+    names = [o.name for o in found]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise TypeError(f"{cls.__name__}: option(s) declared twice: {', '.join(clashes)}")
+    return found
+
+
+def _get(config: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    """The flat options of a config instance (what a ``--config`` file would hold)."""
+    return {o.name: _get(config, o.path) for o in options(type(config))}
+
+
+def build(cls: type[T], values: dict[str, Any]) -> T:
+    """``cls`` from flat option values (as :func:`to_dict` gives), the rest at defaults."""
+    unknown = sorted(set(values) - {o.name for o in options(cls)})
+    if unknown:
+        raise TypeError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
+    return _build(cls, values)
+
+
+def _build(cls: type[T], values: dict[str, Any], base: Any = None) -> T:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if _is_flat(f):
+            inner = getattr(base, f.name) if base is not None else f.default_factory()
+            only = f.metadata[FLAT]
+            given = {k: v for k, v in values.items() if not only or k in only}
+            kwargs[f.name] = _build(type(inner), given, inner)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif base is not None:
+            kwargs[f.name] = getattr(base, f.name)
+    return cls(**kwargs)
 
 
 def load_file(path: str) -> dict:
+    """A YAML or JSON mapping from a local path or fsspec URL."""
     from retriever.io import store
 
     text = store.read_text(path)
@@ -49,57 +134,89 @@ def load_file(path: str) -> dict:
     return data
 
 
-def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or ""))
-    parser.add_argument("--config", help="YAML or JSON file with these options (flags win)")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        base = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f.metadata.get("help", "")}
-        if base is bool:
-            kwargs["type"] = _parse_bool
-            kwargs["nargs"] = "?"
-            kwargs["const"] = True
-        elif base in (list, tuple):
-            kwargs["nargs"] = "+"
-        elif base in (int, float, str):
-            kwargs["type"] = base
-        else:
-            kwargs["type"] = json.loads  # dicts and nested values as JSON
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        default = (f.default if f.default is not dataclasses.MISSING else
-                   f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kwargs["help"] += " (required)" if required else f" (default: {default})"
-        parser.add_argument(flag, **kwargs)
+def _config_action():
+    from jsonargparse import ActionConfigFile
+
+    class StoreConfigFile(ActionConfigFile):
+        """``--config``: a local file as jsonargparse reads it, a URL through the store."""
+
+        def __call__(self, parser, cfg, values, option_string=None):
+            from retriever.io import store
+
+            if store.has_scheme(values) and not store.is_local(values):
+                values = store.read_text(values)  # parsed as YAML (JSON is YAML)
+            self.apply_config(parser, cfg, self.dest, values)
+
+    return StoreConfigFile
+
+
+def _argument(option: Option) -> dict[str, Any]:
+    """add_argument keywords for one option."""
+    annotation = option.annotation
+    meta = option.metadata
+    required = option.default is dataclasses.MISSING
+    kwargs: dict[str, Any] = {"dest": option.name, "help": meta.get("help", "")}
+    if "choices" in meta:  # a Literal type checks file values as well as flags
+        choices = Literal[tuple(meta["choices"])]  # type: ignore[misc]
+        annotation = Optional[choices] if _optional(annotation) else choices
+    plain = _strip_optional(annotation)
+    base = typing.get_origin(plain) or plain
+    if base is bool:
+        kwargs.update(nargs="?", const=True)  # --flag, --flag true, --flag false
+    if base in (list, tuple):  # --name A B C; the type applies to each item
+        kwargs["nargs"] = "+"
+        items = typing.get_args(plain)
+        annotation = items[0] if items else None  # untyped items: as given
+    if annotation is not None:
+        kwargs["type"] = annotation
+    if required:  # jsonargparse adds "(required, type: ..., default: ...)" to the help
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = option.default
+    return kwargs
+
+
+def _optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if _optional(annotation) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def build_parser(cls: type, prog: str, description: str = ""):
+    """A jsonargparse parser for ``cls``: ``--config`` and one flag per option."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description or (cls.__doc__ or ""),
+                            default_env=False)
+    parser.add_argument("--config", action=_config_action(),
+                        help="YAML or JSON file (path or URL) with these options; flags win")
+    for option in options(cls):
+        parser.add_argument(option.flag, **_argument(option))
     return parser
 
 
+def _config_first(argv: list[str]) -> list[str]:
+    """``--config FILE`` moved to the front, so that every flag wins over the file."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return [arg, argv[i + 1], *argv[:i], *argv[i + 2:]]
+        if arg.startswith("--config="):
+            return [arg, *argv[:i], *argv[i + 1:]]
+    return argv
+
+
 def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
+    """The config given by ``argv`` (default ``sys.argv[1:]``); exits 2 on a usage error."""
     parser = build_parser(cls, prog)
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    values = load_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        parser.error(f"unknown option(s) in the config file: {', '.join(unknown)}")
-    values.update(args)
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in values]
-    if missing:
-        parser.error("missing required option(s): " +
-                     ", ".join("--" + m.replace("_", "-") for m in missing))
+    namespace = parser.parse_args(_config_first(list(sys.argv[1:] if argv is None else argv)))
+    values = {o.name: namespace[o.name] for o in options(cls)}
     try:
-        return cls(**values)
+        return build(cls, values)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)

@@ -31,8 +31,6 @@ from typing import Any
 from retriever.index import shards as sh
 from retriever.errors import InputError
 
-ENCODER_KEYS = ("pooling", "query_prefix", "passage_prefix", "query_max_length",
-                "passage_max_length", "normalize", "prompt")
 # Ray Serve's own latency switches (what RAY_SERVE_THROUGHPUT_OPTIMIZED turns on, minus gRPC
 # and direct ingress, whose servers listen on every interface): user code and the handle
 # router on the replica's main event loop instead of hops to other threads / loops, and no
@@ -101,14 +99,13 @@ class AppArgs:
 
 def encoder_config(manifest: dict, model: str | None = None) -> dict:
     """EncoderConfig fields for queries, from the embeddings' recorded encoder settings."""
+    from retriever.modeling.encoder import EncoderConfig
+
     settings = (manifest.get("source") or {}).get("encoder") or {}
-    chosen = model or settings.get("model")
-    if not chosen:
+    if not (model or settings.get("model")):
         raise InputError("serve app: the index's embeddings name no encoder model; pass "
                          "model=NAME_OR_PATH")
-    config = {key: settings[key] for key in ENCODER_KEYS if settings.get(key) is not None}
-    config["model"] = chosen
-    return config
+    return dataclasses.asdict(EncoderConfig.replaying(settings, model))
 
 
 def index_info(manifest: dict, model: str, groups: list[list[int]]) -> dict:

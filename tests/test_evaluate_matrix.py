@@ -32,9 +32,9 @@ def test_matrix_report_equals_single_runs_and_reuses(tmp_path, monkeypatch, ray_
                                                         ["--config", str(config_file)], "t"))
     assert [r.reused for r in records] == [False, False]
     for record in records:
-        reference = single.run(single.EvalConfig(
+        reference = single.run(evaluate.cfg.build(single.EvalConfig, dict(
             dataset=dataset("medline"), model="minilm" if record.model == "minilm" else "bm25",
-            dtype="float32", out=str(tmp_path / "single" / record.model)))
+            dtype="float32", out=str(tmp_path / "single" / record.model))))
         for key in ("ndcg@10", "mrr@10", "recall@100", "recall@1000"):
             assert record.metrics[key] == pytest.approx(reference[key], abs=1e-4), key
     out = tmp_path / "out"

@@ -1,7 +1,8 @@
 """An evaluation matrix: models x datasets, each cell a run keyed by what decides its numbers.
 
 A model entry is a string (``bm25``, a packaged name, a path) or a mapping with ``name``,
-``model`` and any Encoder option (``prompt``, ``pooling``, prefixes, max lengths, ``dtype``).
+``model`` and any other ``EncoderConfig`` field (``prompt``, ``pooling``, prefixes, max
+lengths, ``dtype``, ...).
 A dataset entry is a path/URL or a mapping with ``name``, ``path`` and ``split``.
 
 A run's key hashes the model spec, the model weights' fingerprint, the dataset files' sizes and
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from retriever.io import store
 from retriever.errors import InputError
 
-ENCODER_OPTIONS = {"prompt", "pooling", "query_prefix", "passage_prefix", "instruction",
-                   "query_max_length", "passage_max_length", "dtype", "normalize"}
+
+def _encoder_options() -> set[str]:
+    """EncoderConfig fields a model entry may set besides ``model``."""
+    from retriever.modeling.encoder import EncoderConfig
+
+    return {f.name for f in fields(EncoderConfig)} - {"model"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,12 @@ class ModelSpec:
     def encoder_options(self) -> dict:
         return dict(self.options)
 
+    def encoder_config(self):
+        """The ``EncoderConfig`` this entry names (not for ``bm25``)."""
+        from retriever.modeling.encoder import EncoderConfig
+
+        return EncoderConfig(model=self.model, **self.encoder_options())
+
     @classmethod
     def parse(cls, entry) -> "ModelSpec":
         if isinstance(entry, str):
@@ -42,11 +53,12 @@ class ModelSpec:
         if not isinstance(entry, dict) or "model" not in entry:
             raise InputError(f"model entry {entry!r}: expected a name/path or a mapping with "
                              "'model'")
-        unknown = set(entry) - ENCODER_OPTIONS - {"name", "model"}
+        allowed = _encoder_options()
+        unknown = set(entry) - allowed - {"name", "model"}
         if unknown:
             raise InputError(f"model entry {entry.get('name', entry['model'])!r}: unknown "
                              f"option(s) {', '.join(sorted(unknown))}")
-        options = tuple(sorted((k, v) for k, v in entry.items() if k in ENCODER_OPTIONS))
+        options = tuple(sorted((k, v) for k, v in entry.items() if k in allowed))
         name = entry.get("name") or entry["model"].rstrip("/").rsplit("/", 1)[-1]
         return cls(name=name, model=entry["model"], options=options)
 
@@ -78,7 +90,8 @@ def dataset_fingerprint(files: dict[str, str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_key(model: ModelSpec, model_hash: str, dataset_hash: str, settings: dict) -> str:
+def cell_key(model: ModelSpec, model_hash: str, dataset_hash: str, settings: dict) -> str:
+    """What a finished matrix cell (model x dataset run) must match to be reused."""
     payload = {"model": model.model, "options": model.encoder_options(),
                "model_hash": model_hash, "dataset_hash": dataset_hash, "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]

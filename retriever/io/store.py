@@ -50,6 +50,13 @@ def is_local(url: str) -> bool:
     return not has_scheme(url) or url.startswith("file://")
 
 
+def slug(url: str, fallback: str = "x") -> str:
+    """The last part of a path or URL, safe as a folder name (``org/Model v2/`` -> ``Model-v2``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(url).rstrip("/").rsplit("/", 1)[-1]) or fallback
+
+
 def join(base: str, *parts: str) -> str:
     """Join URL path segments with '/', whatever the scheme.
 

@@ -10,7 +10,7 @@ once, sorted by length and batched under a token budget, so little compute goes 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -24,23 +24,46 @@ from retriever.modeling.prompts import PROMPT_MODES, Template, one_word_template
 log = logging.getLogger(__name__)
 
 
+RECORDED = "recorded"  # field metadata: the resolved value is in Encoder.settings()
+
+
+def _option(default, help_: str, recorded: bool = True, **metadata):
+    return field(default=default, metadata={"help": help_, RECORDED: recorded, **metadata})
+
+
 @dataclass
 class EncoderConfig:
-    """How to embed; ``None`` fields take the model's defaults (see ``retriever.modeling.registry``)."""
+    """How to embed; ``None`` fields take the model's defaults (see ``retriever.modeling.registry``).
 
-    model: str = "minilm"
-    pooling: str | None = None
-    query_prefix: str | None = None
-    passage_prefix: str | None = None
-    instruction: str | None = None
-    query_max_length: int | None = None
-    passage_max_length: int | None = None
-    normalize: bool | None = None
-    prompt: str = "none"  # none | one-word
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 64
-    max_tokens_per_batch: int = 16384
+    Declared once here; every job that embeds text nests it (``retriever.config.flat``), so its
+    fields are the ``--model``, ``--pooling``, ... flags and YAML keys of those jobs."""
+
+    model: str = _option("minilm", "packaged model name (minilm, smollm2-135m, ...), HF model "
+                                   "directory or LoRA adapter directory")
+    pooling: str | None = _option(None, "mean | cls | last (default: the model's)")
+    query_prefix: str | None = _option(None, "text put before each query (default: the model's)")
+    passage_prefix: str | None = _option(None, "text put before each passage (default: the "
+                                               "model's)")
+    instruction: str | None = _option(None, "query task instruction (part of the query prefix)",
+                                      recorded=False)
+    query_max_length: int | None = _option(None, "query tokens kept (default: the model's)")
+    passage_max_length: int | None = _option(None, "passage tokens kept (default: the model's)")
+    normalize: bool | None = _option(None, "L2-normalise vectors (default: the model's)")
+    prompt: str = _option("none", "none | one-word (zero-shot LLM prompt)",
+                          choices=list(PROMPT_MODES))
+    device: str = _option("auto", "auto | cpu | cuda[:N]", recorded=False)
+    dtype: str = _option("auto", "auto | float32 | bfloat16 | float16")
+    batch_size: int = _option(64, "max texts per forward pass", recorded=False)
+    max_tokens_per_batch: int = _option(16384, "token budget per forward pass (texts x longest)",
+                                        recorded=False)
+
+    @classmethod
+    def replaying(cls, settings: dict, model: str | None = None) -> "EncoderConfig":
+        """The config that embeds like recorded :meth:`Encoder.settings` (e.g. queries for an
+        index); ``model`` replaces the recorded one, the precision is this machine's own."""
+        recorded = {f.name for f in fields(cls) if f.metadata[RECORDED]} - {"dtype"}
+        given = {k: settings[k] for k in recorded if settings.get(k) is not None}
+        return cls(**{**given, "model": model or settings["model"]})
 
     def __post_init__(self):
         if self.pooling is not None and self.pooling not in POOLINGS + ("eos",):
@@ -133,14 +156,14 @@ class Encoder:
         return int(self.model.config.hidden_size)
 
     def settings(self) -> dict:
-        """Everything that decides the vectors, for manifests and cache keys."""
-        return {"model": self.resolved.name, "model_hash": self.resolved.fingerprint(),
-                "pooling": self.pooling, "normalize": self.normalize,
-                "query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix,
-                "query_max_length": self.query_max_length,
-                "passage_max_length": self.passage_max_length, "append_eos": self.append_eos,
-                "prompt": self.config.prompt, "dim": self.dim,
-                "dtype": str(self.placement.dtype).replace("torch.", "")}
+        """Everything that decides the vectors, for manifests and cache keys: the recorded
+        EncoderConfig fields as resolved for this model, its weights' hash, EOS and dims."""
+        resolved = {"model": self.resolved.name, "prompt": self.config.prompt,
+                    "dtype": str(self.placement.dtype).replace("torch.", "")}
+        recorded = {f.name: resolved[f.name] if f.name in resolved else getattr(self, f.name)
+                    for f in fields(EncoderConfig) if f.metadata[RECORDED]}
+        return {**recorded, "model_hash": self.resolved.fingerprint(),
+                "append_eos": self.append_eos, "dim": self.dim}
 
     # ------------------------------------------------------------------ tokenization
 

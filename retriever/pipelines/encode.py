@@ -27,7 +27,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from retriever import provenance
+from retriever import config, provenance
 from retriever.io import embeddings, store
 from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
 from retriever.modeling.encoder import Encoder, EncoderConfig, token_budget_batches
@@ -66,16 +68,21 @@ def record_name(index: int) -> str:
 class EncodeOptions:
     """What the pipeline needs besides the corpus and the output folder."""
 
-    encoder: EncoderConfig
-    embedding_dtype: str = "float16"
-    docs_per_shard: int = 1000
-    on_bad_input: str = "error"
-    max_shards: int = 0  # 0: all; else stop after this many shards (the run stays incomplete)
-    actors: int = 0  # 0: one per GPU, else by CPUs
-    cpus_per_actor: float = 0.0  # 0: auto (fractional on CPU)
-    threads_per_actor: int = 0  # 0: auto
-    tokenizer_actors: int = 1
-    verify_existing: bool = False  # re-hash finished parquet files before trusting them
+    encoder: EncoderConfig = config.flat(EncoderConfig)
+    embedding_dtype: str = field(default="float16", metadata={
+        "help": "stored vector type", "choices": list(embeddings.DTYPES)})
+    docs_per_shard: int = field(default=1000, metadata={"help": "input rows per shard"})
+    on_bad_input: str = field(default="error", metadata={
+        "help": "error: stop naming file and line; skip: drop and count",
+        "choices": ["error", "skip"]})
+    max_shards: int = field(default=0, metadata={
+        "help": "encode at most this many shards, then stop (0: all; the run stays incomplete)"})
+    actors: int = field(default=0, metadata={"help": "encoder actors (0: per GPU or CPU)"})
+    cpus_per_actor: float = field(default=0.0, metadata={"help": "0: auto (fractional on CPU)"})
+    threads_per_actor: int = field(default=0, metadata={"help": "torch threads (0: auto)"})
+    tokenizer_actors: int = field(default=1, metadata={"help": "tokenizer actors (CPU)"})
+    verify_existing: bool = field(default=False, metadata={
+        "help": "re-hash finished shards before skipping them"})
 
     def __post_init__(self):
         if self.embedding_dtype not in embeddings.DTYPES:
@@ -102,7 +109,7 @@ class PassageTokenizer(Encoder):
         return int(AutoConfig.from_pretrained(self.resolved.path).hidden_size)
 
 
-def run_key(settings: dict, options: EncodeOptions) -> str:
+def shard_key(settings: dict, options: EncodeOptions) -> str:
     """What a finished shard must match to be reused: everything that decides its vectors
     and its rows, with the dtype as requested (the one used depends on the hardware)."""
     data = {k: v for k, v in settings.items() if k != "dtype"}
@@ -374,15 +381,25 @@ def input_error(err: BaseException) -> InputError | None:
 
 def execute(ds) -> list[dict]:
     """Run the pipeline to the end; bad input surfaces as its own :class:`InputError`."""
+    from retriever import console
+
     rows: list[dict] = []
+    progress, docs = console.Progress("encode", unit="shards"), 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows.extend(batch.to_pylist())
+            docs += sum(json.loads(r["record"])["rows"] for r in rows[-batch.num_rows:]
+                        if r["record"])
+            rate = docs / max(time.time() - progress.started, 1e-9)
+            progress.update(len(rows), f"encode: {len(rows)} shards, {docs} docs encoded "
+                                       f"({rate:.1f} docs/s)")
     except Exception as err:  # noqa: BLE001 -- re-raised unless it hides bad input
         found = input_error(err)
         if found is None:
             raise
         raise InputError(str(found)) from None
+    finally:
+        progress.close()
     return rows
 
 
@@ -494,3 +511,43 @@ def finish(folder: str, source: CorpusSource, rows: list[dict], done: dict[int, 
 def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
     for kind, n in counts.items():
         total[kind] = total.get(kind, 0) + int(n)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def default_folder(source: CorpusSource, model: str) -> str:
+    """``<store>/embeddings/<corpus name>/<model slug>``."""
+    return store.join(store.default_root(), "embeddings", source.name,
+                      store.slug(model, "model"))
+
+
+def _warn_local_paths(urls: dict[str, str]) -> None:
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    for name, url in urls.items():
+        if nodes > 1 and store.is_local(url):
+            print(f"retriever encode: warning: {name} {url} is a local path on a {nodes}-node "
+                  "cluster; every node must see it (shared filesystem), else use s3://...",
+                  file=sys.stderr)
+
+
+def encode_corpus(corpus: str, options: EncodeOptions, out: str | None = None) -> EncodeResult:
+    """Encode ``corpus`` (BEIR folder, JSONL or parquet; any URL) into ``out`` (default
+    :func:`default_folder`) on Ray Data, reusing finished shards; joins or starts Ray."""
+    import ray
+
+    source = CorpusSource.open(corpus)
+    out = out or default_folder(source, options.encoder.model)
+    out = out if store.has_scheme(out) else os.path.abspath(out)  # workers have another cwd
+    key = shard_key(PassageTokenizer(options.encoder, device="cpu").settings(), options)
+    if not ray.is_initialized():
+        ray.init()
+    _warn_local_paths({"--corpus": source.url, "--out": out})
+    resources = plan_resources(options)
+    done = finished_shards(out, key, verify=options.verify_existing)
+    remove(out, ["manifest.json"])  # the folder is incomplete until we finish
+    started = time.perf_counter()
+    rows = execute(build_pipeline(source, out, options, resources, key, done))
+    return finish(out, source, rows, done, key, options, time.perf_counter() - started,
+                  resources)

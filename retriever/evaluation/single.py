@@ -1,0 +1,86 @@
+"""Evaluate one model (or BM25) on one dataset: :class:`EvalConfig` in, metrics out.
+
+:func:`evaluate` retrieves the top ``top_k`` documents per judged query (BM25, or the
+:class:`~retriever.modeling.encoder.Encoder` with exact search), scores the run and writes
+``metrics.json`` and ``run.trec`` under ``out`` (default
+``<store>/evals/adhoc/<model>/<dataset>-<split>``); :func:`format_table` prints metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from retriever import config
+from retriever.evaluation.metrics import METRICS
+from retriever.io import store
+from retriever.io.formats import Dataset, load_dataset
+from retriever.modeling.encoder import EncoderConfig
+
+BM25 = "bm25"  # the model name that means BM25
+BM25_SETTINGS = {"model": BM25, "k1": 0.9, "b": 0.4, "stemmer": "english", "stopwords": "en"}
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a model (or BM25: ``--model bm25``) on a BEIR / MS MARCO folder."""
+
+    dataset: str = field(metadata={"help": "dataset folder: local path or fsspec URL"})
+    split: str = field(default="test", metadata={"help": "qrels split"})
+    out: str | None = field(default=None, metadata={"help": "output URL (folder)"})
+    top_k: int = field(default=1000, metadata={"help": "hits kept per query"})
+    ignore_identical_ids: bool = field(default=False,
+                                       metadata={"help": "drop hits whose doc id = query id"})
+    encoder: EncoderConfig = config.flat(EncoderConfig)  # its model may be "bm25"
+
+    @property
+    def model(self) -> str:
+        return self.encoder.model
+
+
+def _retrieve(config: EvalConfig, dataset: Dataset) -> tuple[dict, dict, dict]:
+    """(run, timing, settings) from BM25 or the configured Encoder."""
+    from retriever.evaluation.runs import bm25_run, dense_run
+
+    if config.model == BM25:
+        run, timing = bm25_run(dataset, config.top_k)
+        return run, timing, dict(BM25_SETTINGS)
+    from retriever.modeling.encoder import Encoder
+
+    encoder = Encoder(config.encoder)
+    run, timing = dense_run(encoder, dataset, config.top_k)
+    return run, timing, encoder.settings()
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Retrieve, score, write ``metrics.json`` and ``run.trec``; returns the metrics with the
+    output folder under ``out``."""
+    from retriever.evaluation.runs import score_run
+    from retriever.index.ranking import write_trec
+
+    dataset = load_dataset(config.dataset, config.split)
+    out = config.out or store.join(store.default_root(), "evals", "adhoc",
+                                   store.slug(config.model, "model"),
+                                   f"{dataset.name}-{config.split}")
+    started = time.time()
+    run, timing, settings = _retrieve(config, dataset)
+    result = score_run(dataset, run, config.ignore_identical_ids)
+    result.update({"dataset": dataset.name, "dataset_source": config.dataset,
+                   "split": config.split, "top_k": config.top_k,
+                   "ignore_identical_ids": config.ignore_identical_ids,
+                   "settings": settings, "timing": {**timing, "total_s": time.time() - started}})
+    write_trec(run, store.join(out, "run.trec"), tag=store.slug(config.model, "model"))
+    store.write_json(store.join(out, "metrics.json"), result)
+    result["out"] = out
+    return result
+
+
+def format_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
+    """A fixed-width table: one row per system, one column per metric."""
+    names = list(METRICS)
+    width = max([len("system")] + [len(r) for r in rows])
+    lines = [title] if title else []
+    lines.append(f"{'system':<{width}}  " + "  ".join(f"{n:>11}" for n in names))
+    for system, values in rows.items():
+        lines.append(f"{system:<{width}}  " + "  ".join(f"{values[n]:>11.4f}" for n in names))
+    return "\n".join(lines)
