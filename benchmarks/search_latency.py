@@ -76,7 +76,7 @@ def synthetic(folder: str, rows: int, dim: int, seed: int) -> None:
 def query_vectors(folder: str, count: int, seed: int) -> np.ndarray:
     """Queries near sampled documents (a document plus noise, renormalised)."""
     manifest = embeddings.read_manifest(folder)
-    _, docs = sh.sample_rows(folder, manifest, count, seed)
+    _, docs = embeddings.sample_rows(folder, manifest, count, seed)
     noisy = docs + 0.3 * np.random.default_rng(seed).standard_normal(docs.shape).astype(
         np.float32) / np.sqrt(docs.shape[1])
     return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)

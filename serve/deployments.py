@@ -104,13 +104,13 @@ class ShardSearcher:
     def __init__(self, index_url: str, numbers: Sequence[int], gpu: str = "auto"):
         import faiss
 
-        from retriever.index.shards import Shard, read_manifest
+        from retriever.index.shards import IndexShard, read_manifest
 
         faiss.omp_set_num_threads(_assigned_cpus())
         if gpu == "auto":  # only a GPU Ray gave this replica
             gpu = "yes" if _assigned_gpus() else "no"
         manifest = read_manifest(index_url)
-        self.shards = [Shard.load(index_url, n, manifest, gpu=gpu) for n in numbers]
+        self.shards = [IndexShard.load(index_url, n, manifest, gpu=gpu) for n in numbers]
         log.info("loaded %s of %s: %d rows", ", ".join(s.name for s in self.shards), index_url,
                  sum(len(s) for s in self.shards))
 

@@ -1,8 +1,9 @@
 """The search API without Ray: the same FastAPI app over shards and an encoder in this process.
 
-``LocalBackend`` implements ``serve.api.Backend`` with loaded ``retriever.index.shards.Shard``
-objects and an ``Encoder``; ``make_api(LocalBackend(...))`` is the app. Used for development
-(``uvicorn``), the browser test and as the in-process peer in ``benchmarks/search_latency.py``.
+``LocalBackend`` implements ``serve.api.Backend`` with loaded
+``retriever.index.shards.IndexShard`` objects and an ``Encoder``; ``make_api(LocalBackend(...))``
+is the app. Used for development (``uvicorn``), the browser test and as the in-process peer in
+``benchmarks/search_latency.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class LocalBackend:
         from serve.deployments import load_docs
 
         self.manifest = sh.read_manifest(index)
-        self.shards = [sh.Shard.load(index, n, self.manifest, gpu)
+        self.shards = [sh.IndexShard.load(index, n, self.manifest, gpu)
                        for n in range(len(self.manifest["shards"]))]
         self.shard_names = [s.name for s in self.shards]
         self.groups = sh.group_numbers(len(self.shards), shards_per_searcher)

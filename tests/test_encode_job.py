@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from retriever.io import embeddings, store
-from retriever.io.corpus import BadDocument, CorpusSource, iter_shards
-from retriever.io.formats import load_corpus
+from retriever.io.corpus import CorpusSource, iter_shards
+from retriever.io.formats import DataFormatError, load_corpus
 from retriever.pipelines.encode import AUX_CPUS, EncodeOptions, plan_resources
 from retriever.modeling.encoder import EncoderConfig
 from retriever.errors import InputError
@@ -280,7 +280,7 @@ def _bad_corpus(tmp_path: Path, kind: str | None = None) -> Path:
 @pytest.mark.parametrize("kind", list(MESSAGES))
 def test_reader_error_names_file_line_and_problem(tmp_path, kind):
     path = _bad_corpus(tmp_path, kind)
-    with pytest.raises(BadDocument) as info:
+    with pytest.raises(DataFormatError) as info:
         list(iter_shards(CorpusSource.open(str(path)).files, docs_per_shard=2))
     assert str(info.value).startswith(f"{path}, line 2: ")
     assert MESSAGES[kind] in str(info.value) and info.value.kind == kind
@@ -305,8 +305,8 @@ def test_reader_parquet_and_damaged_files(tmp_path):
     pq.write_table(pa.table({"doc_id": ["a", "b", "a", "c"], "title": ["T", None, None, ""],
                              "text": ["x", "y", "z", None]}), tmp_path / "part-1.parquet")
     files = CorpusSource.open(str(tmp_path)).files
-    with pytest.raises(BadDocument, match=r"part-1.parquet, row 3: duplicate id 'a' \(first at "
-                                          r"row 1\)"):
+    with pytest.raises(DataFormatError,
+                       match=r"part-1.parquet, row 3: duplicate id 'a' \(first at row 1\)"):
         list(iter_shards(files, 10))
     shard, = iter_shards(files, 10, on_bad_input="skip")
     assert shard.doc_ids == ["a", "b"] and shard.texts == ["T x", "y"]
@@ -314,10 +314,10 @@ def test_reader_parquet_and_damaged_files(tmp_path):
 
     good = gzip.compress(b'{"_id": "1", "text": "one"}\n' * 2000)
     (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])  # a truncated download
-    with pytest.raises(BadDocument, match="cut.jsonl.gz: cannot read past line"):
+    with pytest.raises(DataFormatError, match="cut.jsonl.gz: cannot read past line"):
         list(iter_shards([str(tmp_path / "cut.jsonl.gz")], 10, on_bad_input="skip"))
     (tmp_path / "empty.jsonl").write_bytes(b"\n\n")
-    with pytest.raises(BadDocument, match="empty.jsonl: file is empty"):
+    with pytest.raises(DataFormatError, match="empty.jsonl: file is empty"):
         list(iter_shards([str(tmp_path / "empty.jsonl")], 10, on_bad_input="skip"))
 
 

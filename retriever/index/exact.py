@@ -1,8 +1,9 @@
-"""Exact inner-product search with FAISS (on all GPUs when present, else CPU).
+"""Exact inner-product search with FAISS (on all GPUs when present, else CPU), and the one
+top-k search every FAISS index here answers through (:func:`search_index`).
 
 With L2-normalised vectors inner product is cosine similarity. Results come back in
-trec_eval order (see ``retriever.index.ranking``); a few extra neighbours are fetched so that a tie
-at the cut-off is still broken by doc id rather than by FAISS' internal order.
+trec_eval order (see ``retriever.index.ranking``); ``TIE_MARGIN`` extra neighbours are fetched
+so that a tie at the cut-off is still broken by doc id rather than by FAISS' internal order.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from retriever.index.ranking import Hit, order
-
-TIE_MARGIN = 16
+from retriever.index.ranking import TIE_MARGIN, Hit, order
 
 
 def faiss_gpu_count() -> int:
@@ -39,6 +38,20 @@ def as_float32(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def search_index(index: "faiss.Index", ids: Sequence[str], queries: np.ndarray,
+                 k: int) -> list[list[Hit]]:
+    """Top-k of each query row in ``index`` (whose label r is ``ids[r]``), in trec_eval order."""
+    queries = as_float32(queries, "queries")
+    if queries.shape[1] != index.d:
+        raise ValueError(f"query dimension {queries.shape[1]} != index dimension {index.d}")
+    fetch = min(len(ids), k + TIE_MARGIN)
+    if fetch == 0 or k < 1:
+        return [[] for _ in range(queries.shape[0])]
+    scores, rows = index.search(queries, fetch)
+    return [order(((ids[r], float(s)) for r, s in zip(row, score) if r >= 0), k)
+            for row, score in zip(rows, scores)]
+
+
 class ExactSearcher:
     """A flat inner-product index over ``vectors`` whose rows are named by ``ids``."""
 
@@ -56,12 +69,4 @@ class ExactSearcher:
         return len(self.ids)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        queries = as_float32(queries, "queries")
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
-        fetch = min(len(self.ids), k + TIE_MARGIN)
-        if fetch == 0:
-            return [[] for _ in range(queries.shape[0])]
-        scores, rows = self.index.search(queries, fetch)
-        return [order(((self.ids[r], float(s)) for r, s in zip(row, score) if r >= 0), k)
-                for row, score in zip(rows, scores)]
+        return search_index(self.index, self.ids, queries, k)

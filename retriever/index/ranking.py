@@ -16,6 +16,9 @@ from retriever.io import store
 
 Hit = tuple[str, float]  # (doc_id, score)
 Run = dict[str, list[Hit]]  # query id -> hits in rank order
+# Searchers fetch this many neighbours beyond k so that a tie at the cut-off is broken by doc
+# id (trec_eval's order) rather than by the index's internal order.
+TIE_MARGIN = 16
 
 
 def rank_key(hit: Hit) -> tuple[float, str]:

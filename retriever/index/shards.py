@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import math
 import os
 import tempfile
@@ -59,19 +58,18 @@ from typing import Callable, Iterator, Sequence
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from retriever import provenance
 from retriever.io import embeddings, store
 from retriever.errors import InputError
-from retriever.index.ranking import Hit, merge, order
+from retriever.index.exact import ExactSearcher, search_index, to_gpu_if_available
+from retriever.index.ranking import Hit, merge
 
 FORMAT = "retriever.index/1"
 MANIFEST = "manifest.json"
 TRAINED = "trained.faiss"
 TYPES = ("flat", "ivfpq", "hnsw")
 METRIC = "inner_product"
-TIE_MARGIN = 16
 # FAISS warns below 39 training points per centroid; fewer gives poor centroids.
 MIN_POINTS_PER_CENTROID = 39
 PARAM = {"ivfpq": "nprobe", "hnsw": "efSearch"}
@@ -216,56 +214,6 @@ def from_bytes(data: bytes) -> "faiss.Index":
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-# --------------------------------------------------------------------------- reading embeddings
-
-def _read_part(folder: str, part: dict, verify: bool) -> tuple[list[str], np.ndarray]:
-    url = store.join(folder, part["file"])
-    data = store.read_bytes(url)
-    if verify and hashlib.sha256(data).hexdigest() != part["sha256"]:
-        raise InputError(f"{url}: sha256 does not match the embeddings manifest")
-    ids, vectors = embeddings.from_table(pq.read_table(io.BytesIO(data)))
-    if len(ids) != part["rows"]:
-        raise InputError(f"{url}: {len(ids)} rows, the manifest says {part['rows']}")
-    return ids, vectors
-
-
-def iter_rows(folder: str, manifest: dict, start: int, stop: int,
-              verify: bool = True) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(ids, vectors) blocks covering embedding rows ``[start, stop)``; reads only those parts."""
-    offset = 0
-    for part in manifest["parts"]:
-        rows = int(part["rows"])
-        lo, hi = max(start, offset), min(stop, offset + rows)
-        if lo < hi:
-            ids, vectors = _read_part(folder, part, verify)
-            yield ids[lo - offset:hi - offset], vectors[lo - offset:hi - offset]
-        offset += rows
-        if offset >= stop:
-            break
-
-
-def sample_rows(folder: str, manifest: dict, size: int, seed: int,
-                verify: bool = True) -> tuple[list[str], np.ndarray]:
-    """A uniform sample (without replacement) of ``size`` rows, in row order."""
-    total = int(manifest["rows"])
-    size = min(size, total)
-    picked = np.sort(np.random.default_rng(seed).choice(total, size=size, replace=False))
-    ids: list[str] = []
-    blocks: list[np.ndarray] = []
-    offset = 0
-    for part in manifest["parts"]:
-        rows = int(part["rows"])
-        lo, hi = np.searchsorted(picked, [offset, offset + rows])
-        if hi > lo:
-            part_ids, vectors = _read_part(folder, part, verify)
-            local = picked[lo:hi] - offset
-            ids.extend(part_ids[i] for i in local)
-            blocks.append(vectors[local])
-        offset += rows
-    dim = int(manifest["dim"])
-    return ids, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
-
-
 # --------------------------------------------------------------------------- building
 
 @contextlib.contextmanager
@@ -333,13 +281,13 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
     k = spec.recall_at + (1 if probe is not None and probe.exclude_self else 0)
     exact: list[list[Hit]] | None = None
     ids: list[str] = []
-    for block_ids, vectors in iter_rows(embeddings_url, manifest, start, stop):
+    for block_ids, vectors in embeddings.read_rows(embeddings_url, manifest, start, stop):
         for lo in range(0, len(block_ids), add_batch):
             chunk = np.ascontiguousarray(vectors[lo:lo + add_batch])
             chunk_ids = block_ids[lo:lo + add_batch]
             index.add(chunk)
             if probe is not None and spec.type in PARAM:
-                found = flat_search(chunk, chunk_ids, probe.vectors, k, gpu)
+                found = ExactSearcher(chunk, chunk_ids, use_gpu=gpu).search(probe.vectors, k)
                 exact = found if exact is None else [merge(pair, k)
                                                      for pair in zip(exact, found)]
             ids.extend(chunk_ids)
@@ -355,7 +303,7 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
              "start": start, "sha256": hashlib.sha256(data).hexdigest(),
              "ids_sha256": embeddings.sha256_of(ids_url), "gpu": gpu}
     if probe is not None and spec.type in PARAM:
-        shard = Shard(index, ids, spec.type, name=shard_name(number))
+        shard = IndexShard(index, ids, spec.type, name=shard_name(number))
         entry["probe_exact"] = _drop_self(exact or [[] for _ in probe.ids], probe,
                                           spec.recall_at)
         entry["probe_approx"] = {}
@@ -364,14 +312,6 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
             entry["probe_approx"][value] = _drop_self(shard.search(probe.vectors, k), probe,
                                                       spec.recall_at)
     return entry
-
-
-def flat_search(vectors: np.ndarray, ids: Sequence[str], queries: np.ndarray, k: int,
-                gpu: bool = False) -> list[list[Hit]]:
-    """Exact top-k of ``queries`` over ``vectors`` in trec order (with the tie margin)."""
-    from retriever.index.exact import ExactSearcher
-
-    return ExactSearcher(vectors, ids, use_gpu=gpu).search(queries, k)
 
 
 def recall(exact: list[list[Hit]], approx: list[list[Hit]]) -> float:
@@ -398,6 +338,51 @@ def merge_probe(entries: list[dict], spec: IndexSpec) -> dict:
             "per_value": {str(v): per_value[v] for v in values}}
 
 
+def _check_build(embeddings_url: str, out: str, shards: int, rows: int) -> None:
+    if shards < 1:
+        raise InputError(f"shards must be >= 1, got {shards}")
+    if rows < shards:
+        raise InputError(f"{embeddings_url}: {rows} rows cannot fill {shards} shards")
+    if store.exists(store.join(out, MANIFEST)):
+        raise InputError(f"{out}: already holds an index (manifest.json); choose another --out")
+
+
+def _train_once(embeddings_url: str, source: dict, out: str, spec: IndexSpec, factory: str,
+                train_rows: int, seed: int, on_gpu: bool) -> tuple[bytes | None, dict,
+                                                                   "faiss.Index"]:
+    """(trained empty index bytes or None, the manifest's ``train``, an index to read the
+    search candidates from); IVF quantisers and codebooks are trained here, once."""
+    probe_index = new_index(factory, int(source["dim"]))
+    if probe_index.is_trained:
+        return None, {}, probe_index
+    if spec.type == "ivfpq" and not spec.factory:
+        nlist = faiss.extract_index_ivf(probe_index).nlist
+        if nlist * MIN_POINTS_PER_CENTROID > train_rows:
+            raise InputError(f"nlist {nlist} needs >= {nlist * MIN_POINTS_PER_CENTROID} "
+                             f"training vectors, {train_rows} available; lower --nlist")
+    _, sample = embeddings.sample_rows(embeddings_url, source, train_rows, seed)
+    trained = train(factory, sample, on_gpu)
+    store.write_bytes(store.join(out, TRAINED), trained)
+    train_info = {"sample": len(sample), "seed": seed, "file": TRAINED,
+                  "sha256": hashlib.sha256(trained).hexdigest()}
+    return trained, train_info, from_bytes(trained)
+
+
+def _recall_probe(embeddings_url: str, source: dict, queries: str | None, size: int,
+                  seed: int) -> RecallProbe:
+    """``size`` query vectors from the ``queries`` embedding folder, else sampled documents
+    (whose own document is then excluded from both rankings)."""
+    if not queries:
+        ids, vectors = embeddings.sample_rows(embeddings_url, source, size, seed)
+        return RecallProbe(vectors, ids, exclude_self=True)
+    query_manifest = embeddings.read_manifest(queries)
+    if int(query_manifest["dim"]) != int(source["dim"]):
+        raise InputError(f"{queries}: query vectors have {query_manifest['dim']} dims, "
+                         f"the embeddings {source['dim']}")
+    ids, vectors = embeddings.sample_rows(queries, query_manifest, size, seed)
+    return RecallProbe(vectors, ids, exclude_self=False)
+
+
 def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
           train_sample: int = 100_000, recall_queries: int = 1000, seed: int = 0,
           gpu: str | bool = "auto", queries: str | None = None,
@@ -413,46 +398,15 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
     """
     source = embeddings.read_manifest(embeddings_url)
     rows, dim = int(source["rows"]), int(source["dim"])
-    if shards < 1:
-        raise InputError(f"shards must be >= 1, got {shards}")
-    if rows < shards:
-        raise InputError(f"{embeddings_url}: {rows} rows cannot fill {shards} shards")
-    if store.exists(store.join(out, MANIFEST)):
-        raise InputError(f"{out}: already holds an index (manifest.json); choose another --out")
+    _check_build(embeddings_url, out, shards, rows)
     # Training runs here; the shards decide for themselves where they run (``build_shard``).
     on_gpu = use_gpu("auto" if run_all and gpu in ("yes", True) else gpu)
     train_rows = min(train_sample, rows)
     factory = spec.factory_string(dim, rows, train_rows)
-    probe_index = new_index(factory, dim)
-    trained = None
-    train_info: dict = {}
-    if not probe_index.is_trained:
-        if spec.type == "ivfpq" and not spec.factory:
-            nlist = faiss.extract_index_ivf(probe_index).nlist
-            if nlist * MIN_POINTS_PER_CENTROID > train_rows:
-                raise InputError(f"nlist {nlist} needs >= {nlist * MIN_POINTS_PER_CENTROID} "
-                                 f"training vectors, {train_rows} available; lower --nlist")
-        _, sample = sample_rows(embeddings_url, source, train_rows, seed)
-        trained = train(factory, sample, on_gpu)
-        store.write_bytes(store.join(out, TRAINED), trained)
-        train_info = {"sample": len(sample), "seed": seed, "file": TRAINED,
-                      "sha256": hashlib.sha256(trained).hexdigest()}
-        probe_index = from_bytes(trained)
-    probe = None
-    if spec.type in PARAM and recall_queries > 0:
-        if queries:
-            query_manifest = embeddings.read_manifest(queries)
-            if int(query_manifest["dim"]) != dim:
-                raise InputError(f"{queries}: query vectors have {query_manifest['dim']} dims, "
-                                 f"the embeddings {dim}")
-            probe_ids, probe_vectors = sample_rows(queries, query_manifest, recall_queries,
-                                                   seed + 1)
-            probe = RecallProbe(probe_vectors, probe_ids, exclude_self=False)
-        else:
-            probe_ids, probe_vectors = sample_rows(embeddings_url, source, recall_queries,
-                                                   seed + 1)
-            probe = RecallProbe(probe_vectors, probe_ids, exclude_self=True)
-
+    trained, train_info, probe_index = _train_once(embeddings_url, source, out, spec, factory,
+                                                   train_rows, seed, on_gpu)
+    probe = (_recall_probe(embeddings_url, source, queries, recall_queries, seed + 1)
+             if spec.type in PARAM and recall_queries > 0 else None)
     shared = {"embeddings_url": embeddings_url, "shards": shards, "spec": spec,
               "factory": factory, "out": out, "trained": trained, "probe": probe,
               "gpu": gpu}
@@ -483,13 +437,7 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
 # --------------------------------------------------------------------------- loading, searching
 
 def read_manifest(folder: str) -> dict:
-    url = store.join(folder, MANIFEST)
-    if not store.exists(url):
-        raise InputError(f"{folder}: no {MANIFEST} (the index is missing or incomplete)")
-    manifest = store.read_json(url)
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{url}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
+    return embeddings.read_manifest(folder, FORMAT, "the index")
 
 
 def _read_index(url: str) -> "faiss.Index":
@@ -503,8 +451,8 @@ def _read_index(url: str) -> "faiss.Index":
         return faiss.read_index(local)
 
 
-class Shard:
-    """One FAISS shard and its id map; ``search`` answers in trec_eval order."""
+class IndexShard:
+    """One FAISS shard of an index and its id map; ``search`` answers in trec_eval order."""
 
     def __init__(self, index: "faiss.Index", ids: Sequence[str], index_type: str = "flat",
                  name: str = "shard", search_params: dict | None = None):
@@ -524,7 +472,7 @@ class Shard:
 
     @classmethod
     def load(cls, folder: str, number: int, manifest: dict | None = None,
-             gpu: str | bool = "auto", verify: bool = False) -> "Shard":
+             gpu: str | bool = "auto", verify: bool = False) -> "IndexShard":
         manifest = manifest or read_manifest(folder)
         if not 0 <= number < len(manifest["shards"]):
             raise InputError(f"{folder}: no shard {number} (the index has "
@@ -536,31 +484,21 @@ class Shard:
         index = _read_index(index_url)
         ids = store.read_parquet(store.join(folder, entry["ids"])).column("doc_id").to_pylist()
         if manifest["type"] == "flat" and use_gpu(gpu):
-            from retriever.index.exact import to_gpu_if_available
-
             index = to_gpu_if_available(index)
         return cls(index, ids, manifest["type"], shard_name(number),
                    manifest.get("search_params", {}))
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries of shape {queries.shape}: expected [n, {self.dim}]")
-        fetch = min(len(self.ids), k + TIE_MARGIN)
-        if fetch == 0 or k < 1:
-            return [[] for _ in range(queries.shape[0])]
-        scores, rows = self.index.search(queries, fetch)
-        ids = self.ids
-        return [order(((ids[r], float(s)) for r, s in zip(row, score) if r >= 0), k)
-                for row, score in zip(rows, scores)]
+        return search_index(self.index, self.ids, queries, k)
 
 
-def load_all(folder: str, gpu: str | bool = "auto") -> list[Shard]:
+def load_all(folder: str, gpu: str | bool = "auto") -> list[IndexShard]:
     manifest = read_manifest(folder)
-    return [Shard.load(folder, n, manifest, gpu) for n in range(len(manifest["shards"]))]
+    return [IndexShard.load(folder, n, manifest, gpu)
+            for n in range(len(manifest["shards"]))]
 
 
-def search_all(shards: Sequence[Shard], queries: np.ndarray, k: int) -> list[list[Hit]]:
+def search_all(shards: Sequence[IndexShard], queries: np.ndarray, k: int) -> list[list[Hit]]:
     """Every shard's top-k merged into the global top-k (what the serve router does)."""
     per_shard = [shard.search(queries, k) for shard in shards]
     return [merge(rows, k) for rows in zip(*per_shard)]

@@ -13,7 +13,7 @@ can tell a finished shard of the same input from a stale one.
 
 **Bad input** (``on_bad_input``): ``"error"`` (default) stops at the first bad row with a
 :class:`DataFormatError` naming the file, the line (JSONL) or row (parquet) and the problem;
-``"skip"`` drops the row and counts it by problem (:data:`PROBLEMS`) with a few examples.
+``"skip"`` drops the row and counts it by problem (``formats.PROBLEMS``) with a few examples.
 A duplicate id keeps its first occurrence. A missing or empty file is always an error.
 
 :class:`CorpusDatasource` streams the shards into Ray Data (one row per shard, so later
@@ -36,15 +36,12 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
 from retriever.io import store
-from retriever.io.formats import DataFormatError
-from retriever.errors import InputError
+from retriever.io.formats import (ID_COLUMNS, DataFormatError, parse_document,
+                                  parse_json_line, passage_text, raw_lines)
 
-PROBLEMS = ("bad_json", "not_object", "missing_id", "empty_id", "bad_type", "missing_text",
-            "empty_text", "invalid_utf8", "duplicate_id")
 POLICIES = ("error", "skip")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COMPRESSIONS = ("", ".gz", ".bz2", ".xz", ".zst")
-ID_COLUMNS = ("_id", "doc_id", "id")
 MAX_EXAMPLES = 5  # bad-row examples kept per shard
 
 SHARD_SCHEMA = pa.schema([
@@ -53,20 +50,6 @@ SHARD_SCHEMA = pa.schema([
     ("texts", pa.list_(pa.large_string())), ("skipped", pa.string()),
     ("done", pa.bool_()), ("last", pa.bool_()),
 ])
-
-
-class BadDocument(DataFormatError):
-    """A bad input row or file; ``kind`` is one of :data:`PROBLEMS` (pickles, for Ray)."""
-
-    def __init__(self, source: str, problem: str, line: int | None = None, kind: str = "",
-                 unit: str = "line"):
-        self.source, self.problem, self.line, self.kind, self.unit = (source, problem, line,
-                                                                      kind, unit)
-        where = f"{source}, {unit} {line}" if line is not None else source
-        InputError.__init__(self, f"{where}: {problem}")
-
-    def __reduce__(self):
-        return (type(self), (self.source, self.problem, self.line, self.kind, self.unit))
 
 
 # ---------------------------------------------------------------------------- sources
@@ -93,7 +76,7 @@ class CorpusSource:
         fs, path = store.filesystem(url)
         fs.invalidate_cache(path)
         if not fs.exists(path):
-            raise BadDocument(url, "not found")
+            raise DataFormatError(url, "not found")
         if fs.isdir(path):
             names = store.listdir(url)
             for beir in ("corpus.jsonl", "corpus.jsonl.gz"):
@@ -101,12 +84,12 @@ class CorpusSource:
                     return cls(url, [store.join(url, beir)], _basename(url))
             files = [store.join(url, n) for n in names if _is_jsonl(n) or _is_parquet(n)]
             if not files:
-                raise BadDocument(url, "no corpus here: expected corpus.jsonl[.gz] (BEIR), "
+                raise DataFormatError(url, "no corpus here: expected corpus.jsonl[.gz] (BEIR), "
                                        "or .jsonl[.gz] / .parquet files")
             return cls(url, files, _basename(url))
         name = _basename(url)
         if not (_is_jsonl(name) or _is_parquet(name)):
-            raise BadDocument(url, "unknown corpus format: expected .jsonl[.gz] or .parquet")
+            raise DataFormatError(url, "unknown corpus format: expected .jsonl[.gz] or .parquet")
         if name.startswith("corpus."):  # BEIR file: name the corpus after its folder
             stem = _basename(url.rsplit("/", 1)[0])
         else:
@@ -125,86 +108,24 @@ class _Row:
     number: int  # 1-based line (JSONL) or row (parquet) within its file
     raw: bytes  # what the input hash covers
     doc: tuple[str, str] | None = None  # (doc id, passage) when good
-    error: BadDocument | None = None
+    error: DataFormatError | None = None
 
 
-def _field(url: str, number: int, obj: dict, key: str, required: bool, missing: str,
-           unit: str) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise BadDocument(url, f"missing {key!r}", number, missing, unit)
-        return ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ID_COLUMNS:
-        return str(value)
-    if not isinstance(value, str):
-        raise BadDocument(url, f"{key!r} must be a string, got {type(value).__name__}", number,
-                          "bad_type", unit)
-    return value
+def _jsonl_rows(url: str) -> Iterator[_Row]:
+    for number, raw in raw_lines(url):
+        row = _Row(number, raw)
+        try:
+            row.doc = _document(url, number, parse_json_line(url, number, raw))
+        except DataFormatError as err:
+            row.error = err
+        yield row
 
 
 def _document(url: str, number: int, obj: dict, id_key: str = "_id",
               unit: str = "line") -> tuple[str, str]:
-    """(doc id, passage) of one JSON object / parquet row, by ``data.load_corpus``'s rules."""
-    doc_id = _field(url, number, obj, id_key, True, "missing_id", unit)
-    title = _field(url, number, obj, "title", False, "missing_text", unit)
-    text = _field(url, number, obj, "text", "text" in obj or not title, "missing_text", unit)
-    if not doc_id.strip():
-        raise BadDocument(url, f"empty {id_key!r}", number, "empty_id", unit)
-    if not (title.strip() or text.strip()):
-        raise BadDocument(url, f"document {doc_id!r} has empty title and text", number,
-                          "empty_text", unit)
-    return doc_id, (f"{title} {text}" if title else text)
-
-
-def _numbered_lines(url: str, handle) -> Iterator[tuple[int, bytes]]:
-    """(1-based number, raw line); a truncated or corrupt compressed file is a clear error."""
-    number = 0
-    lines = iter(handle)
-    while True:
-        try:
-            raw = next(lines)
-        except StopIteration:
-            return
-        except (OSError, EOFError, ValueError) as err:  # gzip/bz2/lzma/zstd decoding errors
-            raise BadDocument(url, f"cannot read past line {number} ({err})") from None
-        number += 1
-        yield number, raw
-
-
-def _jsonl_rows(url: str) -> Iterator[_Row]:
-    try:
-        handle = store.open_read(url, "rb")
-    except FileNotFoundError as err:
-        raise BadDocument(url, "file not found") from err
-    empty = True
-    with handle:
-        for number, raw in _numbered_lines(url, handle):
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            empty = False
-            row = _Row(number, raw)
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise BadDocument(url, f"invalid UTF-8 ({err.reason})", number,
-                                      "invalid_utf8") from None
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise BadDocument(url, f"bad JSON ({err.msg} at column {err.colno})", number,
-                                      "bad_json") from None
-                if not isinstance(obj, dict):
-                    raise BadDocument(url, f"expected a JSON object, got {type(obj).__name__}",
-                                      number, "not_object")
-                row.doc = _document(url, number, obj)
-            except BadDocument as err:
-                row.error = err
-            yield row
-    if empty:
-        raise BadDocument(url, "file is empty")
+    """(doc id, passage) of one row, checked as ``formats.load_corpus`` checks it."""
+    doc_id, title, text = parse_document(url, number, obj, id_key, unit)
+    return doc_id, passage_text(title, text)
 
 
 def _parquet_rows(url: str, batch_rows: int = 4096) -> Iterator[_Row]:
@@ -213,16 +134,16 @@ def _parquet_rows(url: str, batch_rows: int = 4096) -> Iterator[_Row]:
     try:
         handle = store.open_read(url, "rb", compression=None)
     except FileNotFoundError as err:
-        raise BadDocument(url, "file not found") from err
+        raise DataFormatError(url, "file not found") from err
     with handle:
         try:
             reader = pq.ParquetFile(handle)
         except (pa.ArrowException, OSError) as err:
-            raise BadDocument(url, f"not a readable parquet file ({err})") from None
+            raise DataFormatError(url, f"not a readable parquet file ({err})") from None
         names = reader.schema_arrow.names
         id_key = next((c for c in ID_COLUMNS if c in names), None)
         if id_key is None or "text" not in names:
-            raise BadDocument(url, f"parquet needs an id column ({'/'.join(ID_COLUMNS)}) and "
+            raise DataFormatError(url, f"parquet needs an id column ({'/'.join(ID_COLUMNS)}) and "
                                    f"'text'; it has {', '.join(names)}")
         columns = [id_key, "text"] + (["title"] if "title" in names else [])
         number = 0
@@ -241,18 +162,18 @@ def _parquet_rows(url: str, batch_rows: int = 4096) -> Iterator[_Row]:
                     row = _Row(number, raw)
                     bad = [k for k, v in obj.items() if isinstance(v, UnicodeDecodeError)]
                     if bad:
-                        row.error = BadDocument(url, f"{bad[0]!r}: invalid UTF-8", number,
-                                                "invalid_utf8", "row")
+                        row.error = DataFormatError(url, f"{bad[0]!r}: invalid UTF-8", number,
+                                                    "invalid_utf8", "row")
                     else:
                         try:
                             row.doc = _document(url, number, obj, id_key, unit="row")
-                        except BadDocument as err:
+                        except DataFormatError as err:
                             row.error = err
                     yield row
         except pa.ArrowException as err:
-            raise BadDocument(url, f"cannot decode after row {number} ({err})") from None
+            raise DataFormatError(url, f"cannot decode after row {number} ({err})") from None
     if number == 0:
-        raise BadDocument(url, "file is empty")
+        raise DataFormatError(url, "file is empty")
 
 
 def iter_rows(files: list[str]) -> Iterator[tuple[str, _Row]]:
@@ -265,7 +186,7 @@ def iter_rows(files: list[str]) -> Iterator[tuple[str, _Row]]:
 # ---------------------------------------------------------------------------- shards
 
 @dataclass
-class Shard:
+class CorpusShard:
     """One shard of the plan: its documents, its input hash and what was skipped."""
 
     index: int
@@ -298,7 +219,7 @@ def _unit(url: str) -> str:
     return "row" if _is_parquet(url) else "line"
 
 
-def _plan(files: list[str], docs_per_shard: int, on_bad_input: str) -> Iterator[Shard]:
+def _plan(files: list[str], docs_per_shard: int, on_bad_input: str) -> Iterator[CorpusShard]:
     """Every shard of the corpus in order (the last one has ``last=True``)."""
     if on_bad_input not in POLICIES:
         raise ValueError(f"on_bad_input {on_bad_input!r}: expected one of {', '.join(POLICIES)}")
@@ -306,13 +227,13 @@ def _plan(files: list[str], docs_per_shard: int, on_bad_input: str) -> Iterator[
         raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
     seen: dict[str, int] = {}  # doc id -> (file index << 40) | line, where it first appeared
     file_index = {url: i for i, url in enumerate(files)}
-    shard: Shard | None = None
+    shard: CorpusShard | None = None
     row_index = 0
     for url, row in iter_rows(files):
         if shard is None or shard.input_rows == docs_per_shard:
             if shard is not None:
                 yield shard
-            shard = Shard(index=row_index // docs_per_shard, first_row=row_index)
+            shard = CorpusShard(index=row_index // docs_per_shard, first_row=row_index)
         row_index += 1
         shard.input_rows += 1
         shard.digest.update(len(row.raw).to_bytes(8, "little"))
@@ -325,8 +246,8 @@ def _plan(files: list[str], docs_per_shard: int, on_bad_input: str) -> Iterator[
                 first_url = files[first >> 40]
                 first_at = (f"{first_url}, " if first_url != url else "") + \
                     f"{_unit(first_url)} {first & ((1 << 40) - 1)}"
-                error = BadDocument(url, f"duplicate id {doc_id!r} (first at {first_at})",
-                                    row.number, "duplicate_id", _unit(url))
+                error = DataFormatError(url, f"duplicate id {doc_id!r} (first at {first_at})",
+                                        row.number, "duplicate_id", _unit(url))
             else:
                 seen[doc_id] = (file_index[url] << 40) | row.number
                 shard.doc_ids.append(doc_id)
@@ -338,14 +259,14 @@ def _plan(files: list[str], docs_per_shard: int, on_bad_input: str) -> Iterator[
         if len(shard.examples) < MAX_EXAMPLES:
             shard.examples.append(str(error))
     if shard is None:
-        raise BadDocument(files[0] if files else "corpus", "no documents")
+        raise DataFormatError(files[0] if files else "corpus", "no documents")
     shard.last = True
     yield shard
 
 
 def iter_shards(files: list[str], docs_per_shard: int, on_bad_input: str = "error",
                 done: dict[int, str] | None = None,
-                max_shards: int | None = None) -> Iterator[Shard]:
+                max_shards: int | None = None) -> Iterator[CorpusShard]:
     """The shard stream the pipeline sees.
 
     ``done`` maps shard index -> input sha256 of shards finished earlier: such a shard is

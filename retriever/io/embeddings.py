@@ -59,39 +59,90 @@ def sha256_of(url: str) -> str:
     return hashlib.sha256(store.read_bytes(url)).hexdigest()
 
 
-def read_manifest(folder: str) -> dict:
+def read_manifest(folder: str, expected: str = FORMAT,
+                  what: str = "the embedding run") -> dict:
+    """``folder``'s manifest.json, checked to be of format ``expected`` (the index's manifest
+    is read through here too, with its own format and name)."""
     url = store.join(folder, MANIFEST)
     if not store.exists(url):
-        raise InputError(f"{folder}: no {MANIFEST} (the embedding run is missing or incomplete)")
+        raise InputError(f"{folder}: no {MANIFEST} ({what} is missing or incomplete)")
     manifest = store.read_json(url)
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{url}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") != expected:
+        raise InputError(f"{url}: format {manifest.get('format')!r}, expected {expected!r}")
     return manifest
 
 
+def read_part(folder: str, part: dict, verify: bool = False) -> tuple[list[str], np.ndarray]:
+    """One part's (doc ids, vectors), read once; ``verify`` checks its sha256. Its row count
+    must match its manifest entry ``part``."""
+    import pyarrow.parquet as pq
+
+    url = store.join(folder, part["file"])
+    data = store.read_bytes(url)
+    if verify and hashlib.sha256(data).hexdigest() != part["sha256"]:
+        raise InputError(f"{url}: sha256 does not match the embeddings manifest")
+    ids, vectors = from_table(pq.read_table(pa.BufferReader(data)))
+    if len(ids) != part["rows"]:
+        raise InputError(f"{url}: {len(ids)} rows, the manifest says {part['rows']}")
+    return ids, vectors
+
+
 def iter_parts(folder: str, verify: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Each part's (doc ids, vectors), in manifest order; ``verify`` checks sha256 and rows."""
-    manifest = read_manifest(folder)
+    """Each part's (doc ids, vectors), in manifest order."""
+    for part in read_manifest(folder)["parts"]:
+        yield read_part(folder, part, verify)
+
+
+def read_rows(folder: str, manifest: dict, start: int, stop: int,
+              verify: bool = True) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, vectors) blocks covering rows ``[start, stop)``; reads only the parts needed."""
+    offset = 0
     for part in manifest["parts"]:
-        url = store.join(folder, part["file"])
-        if verify and sha256_of(url) != part["sha256"]:
-            raise InputError(f"{url}: sha256 does not match the manifest")
-        ids, vectors = from_table(store.read_parquet(url))
-        if len(ids) != part["rows"]:
-            raise InputError(f"{url}: {len(ids)} rows, manifest says {part['rows']}")
-        yield ids, vectors
+        rows = int(part["rows"])
+        lo, hi = max(start, offset), min(stop, offset + rows)
+        if lo < hi:
+            ids, vectors = read_part(folder, part, verify)
+            yield ids[lo - offset:hi - offset], vectors[lo - offset:hi - offset]
+        offset += rows
+        if offset >= stop:
+            break
+
+
+def _concat(ids: list[str], blocks: list[np.ndarray], dim: int) -> tuple[list[str], np.ndarray]:
+    return ids, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
+
+
+def sample_rows(folder: str, manifest: dict, size: int, seed: int,
+                verify: bool = True) -> tuple[list[str], np.ndarray]:
+    """A uniform sample (without replacement) of ``size`` rows, in row order."""
+    total = int(manifest["rows"])
+    picked = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total),
+                                                        replace=False))
+    ids: list[str] = []
+    blocks: list[np.ndarray] = []
+    offset = 0
+    for part in manifest["parts"]:
+        rows = int(part["rows"])
+        lo, hi = np.searchsorted(picked, [offset, offset + rows])
+        if hi > lo:
+            part_ids, vectors = read_part(folder, part, verify)
+            local = picked[lo:hi] - offset
+            ids.extend(part_ids[i] for i in local)
+            blocks.append(vectors[local])
+        offset += rows
+    return _concat(ids, blocks, int(manifest["dim"]))
 
 
 def load(folder: str, verify: bool = False) -> tuple[list[str], np.ndarray]:
     """All doc ids and vectors of an embedding folder (concatenated in manifest order)."""
+    manifest = read_manifest(folder)
     ids: list[str] = []
     blocks: list[np.ndarray] = []
-    for part_ids, vectors in iter_parts(folder, verify):
+    for part in manifest["parts"]:
+        part_ids, vectors = read_part(folder, part, verify)
         ids.extend(part_ids)
         blocks.append(vectors)
-    manifest = read_manifest(folder)
-    dim = int(manifest["dim"])
-    return ids, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
+    return _concat(ids, blocks, int(manifest["dim"]))
 
 
 def table_bytes(table: pa.Table) -> bytes:

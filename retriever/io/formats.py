@@ -26,19 +26,39 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from retriever.io import store
 from retriever.errors import InputError
 
 
 class DataFormatError(InputError):
-    """Malformed input, located as precisely as the format allows."""
+    """Malformed input, located as precisely as the format allows.
 
-    def __init__(self, source: str, problem: str, line: int | None = None):
-        self.source, self.problem, self.line = source, problem, line
-        where = f"{source}, line {line}" if line is not None else source
+    ``line`` counts lines (``unit="line"``) or parquet rows (``unit="row"``); ``kind`` is one
+    of :data:`PROBLEMS` for a bad corpus row (the encode job counts skipped rows by it).
+    Pickles with all its fields, so it crosses Ray task boundaries intact.
+    """
+
+    def __init__(self, source: str, problem: str, line: int | None = None, kind: str = "",
+                 unit: str = "line"):
+        self.source, self.problem, self.line, self.kind, self.unit = (source, problem, line,
+                                                                      kind, unit)
+        where = f"{source}, {unit} {line}" if line is not None else source
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.source, self.problem, self.line, self.kind, self.unit))
+
+
+PROBLEMS = ("bad_json", "not_object", "missing_id", "empty_id", "bad_type", "missing_text",
+            "empty_text", "invalid_utf8", "duplicate_id")
+ID_COLUMNS = ("_id", "doc_id", "id")
+
+
+def passage_text(title: str, text: str) -> str:
+    """What an encoder or BM25 sees of a document."""
+    return f"{title} {text}" if title else text
 
 
 @dataclass
@@ -53,8 +73,7 @@ class Corpus:
         return len(self.ids)
 
     def passage(self, i: int) -> str:
-        title, text = self.titles[i], self.texts[i]
-        return f"{title} {text}" if title else text
+        return passage_text(self.titles[i], self.texts[i])
 
     def passages(self) -> list[str]:
         return [self.passage(i) for i in range(len(self.ids))]
@@ -95,48 +114,103 @@ def _find(base: str, *candidates: str) -> str | None:
     return None
 
 
-def _lines(url: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for every non-blank line; invalid UTF-8 is an error."""
+def numbered_lines(url: str, handle) -> Iterator[tuple[int, bytes]]:
+    """(1-based number, raw line); a truncated or corrupt compressed file is a clear error."""
+    number = 0
+    lines = iter(handle)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except (OSError, EOFError, ValueError) as err:  # gzip/bz2/lzma/zstd decoding errors
+            raise DataFormatError(url, f"cannot read past line {number} ({err})") from None
+        number += 1
+        yield number, raw
+
+
+def raw_lines(url: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes without the line end) for every non-blank line."""
     try:
         handle = store.open_read(url, "rb")
     except FileNotFoundError as err:
         raise DataFormatError(url, "file not found") from err
+    empty = True
     with handle:
-        empty = True
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataFormatError(url, f"invalid UTF-8 ({err.reason})", number) from err
-            if line.strip():
+        for number, raw in numbered_lines(url, handle):
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
                 empty = False
-                yield number, line.rstrip("\r\n")
-        if empty:
-            raise DataFormatError(url, "file is empty")
+                yield number, raw
+    if empty:
+        raise DataFormatError(url, "file is empty")
+
+
+def decode_line(url: str, number: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(url, f"invalid UTF-8 ({err.reason})", number,
+                              "invalid_utf8") from None
+
+
+def _lines(url: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for every non-blank line; invalid UTF-8 is an error."""
+    for number, raw in raw_lines(url):
+        yield number, decode_line(url, number, raw)
+
+
+def parse_json_line(url: str, number: int, raw: bytes) -> dict:
+    """One JSONL line as a JSON object."""
+    try:
+        obj = json.loads(decode_line(url, number, raw))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(url, f"bad JSON ({err.msg} at column {err.colno})", number,
+                              "bad_json") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(url, f"expected a JSON object, got {type(obj).__name__}", number,
+                              "not_object")
+    return obj
 
 
 def read_jsonl(url: str) -> Iterator[tuple[int, dict]]:
-    for number, line in _lines(url):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(url, f"bad JSON ({err.msg} at column {err.colno})", number) from err
-        if not isinstance(obj, dict):
-            raise DataFormatError(url, f"expected a JSON object, got {type(obj).__name__}", number)
-        yield number, obj
+    for number, raw in raw_lines(url):
+        yield number, parse_json_line(url, number, raw)
 
 
-def _string_field(url: str, number: int, obj: dict, key: str, required: bool) -> str:
+def string_field(url: str, number: int, obj: dict, key: str, required: bool,
+                 missing: str = "missing_text", unit: str = "line") -> str:
+    """``obj[key]`` as a string ("" when absent and not required); numeric ids are allowed."""
     value = obj.get(key)
     if value is None:
         if required:
-            raise DataFormatError(url, f"missing {key!r}", number)
+            raise DataFormatError(url, f"missing {key!r}", number, missing, unit)
         return ""
-    if isinstance(value, (int, float)) and key == "_id":
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ID_COLUMNS:
         return str(value)
     if not isinstance(value, str):
-        raise DataFormatError(url, f"{key!r} must be a string, got {type(value).__name__}", number)
+        raise DataFormatError(url, f"{key!r} must be a string, got {type(value).__name__}",
+                              number, "bad_type", unit)
     return value
+
+
+def parse_document(url: str, number: int, obj: dict, id_key: str = "_id",
+                   unit: str = "line") -> tuple[str, str, str]:
+    """(doc id, title, text) of one corpus row (a JSON object or a parquet row).
+
+    The id is required and non-blank; ``text`` is required unless a title is given; title
+    and text may not both be blank.
+    """
+    doc_id = string_field(url, number, obj, id_key, True, "missing_id", unit)
+    title = string_field(url, number, obj, "title", False, "missing_text", unit)
+    text = string_field(url, number, obj, "text", "text" in obj or not title, "missing_text",
+                        unit)
+    if not doc_id.strip():
+        raise DataFormatError(url, f"empty {id_key!r}", number, "empty_id", unit)
+    if not (title.strip() or text.strip()):
+        raise DataFormatError(url, f"document {doc_id!r} has empty title and text", number,
+                              "empty_text", unit)
+    return doc_id, title, text
 
 
 # ---------------------------------------------------------------------------- BEIR
@@ -145,16 +219,10 @@ def load_corpus(url: str) -> Corpus:
     """A BEIR ``corpus.jsonl[.gz]``; ids must be unique and documents non-empty."""
     ids, titles, texts, seen = [], [], [], {}
     for number, obj in read_jsonl(url):
-        doc_id = _string_field(url, number, obj, "_id", required=True)
-        title = _string_field(url, number, obj, "title", required=False)
-        text = _string_field(url, number, obj, "text", required="text" in obj or not title)
-        if not doc_id:
-            raise DataFormatError(url, "empty '_id'", number)
-        if not (title.strip() or text.strip()):
-            raise DataFormatError(url, f"document {doc_id!r} has empty title and text", number)
+        doc_id, title, text = parse_document(url, number, obj)
         if doc_id in seen:
             raise DataFormatError(url, f"duplicate _id {doc_id!r} (first on line {seen[doc_id]})",
-                                  number)
+                                  number, "duplicate_id")
         seen[doc_id] = number
         ids.append(doc_id)
         titles.append(title)
@@ -168,8 +236,8 @@ def load_queries(url: str) -> dict[str, str]:
         return _load_id_text_tsv(url)
     queries: dict[str, str] = {}
     for number, obj in read_jsonl(url):
-        qid = _string_field(url, number, obj, "_id", required=True)
-        text = _string_field(url, number, obj, "text", required=True)
+        qid = string_field(url, number, obj, "_id", True, "missing_id")
+        text = string_field(url, number, obj, "text", True)
         if not text.strip():
             raise DataFormatError(url, f"query {qid!r} has empty text", number)
         if qid in queries:
@@ -205,44 +273,39 @@ def _is_tsv(url: str) -> bool:
     return any(name.endswith(ext) for ext in (".tsv", ".tsv.gz", ".txt", ".txt.gz"))
 
 
-def _load_id_text_tsv(url: str) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _tsv_rows(url: str, expected: str,
+              columns: Callable[[list[str]], tuple[str, str, str] | None]
+              ) -> Iterator[tuple[str, str, str]]:
+    """(id, title, text) of each line of an id-keyed TSV; ``columns`` maps a line's fields to
+    them (None: wrong column count). Ids are unique and non-empty, documents non-empty."""
+    seen: set[str] = set()
     for number, line in _lines(url):
-        parts = line.split("\t")
-        if len(parts) < 2 or not parts[0].strip():
-            raise DataFormatError(url, "expected 'id<TAB>text'", number)
-        key, text = parts[0].strip(), " ".join(p for p in parts[1:] if p)
-        if not text.strip():
-            raise DataFormatError(url, f"id {key!r} has empty text", number)
-        if key in out:
-            raise DataFormatError(url, f"duplicate id {key!r}", number)
-        out[key] = text
-    return out
+        row = columns(line.split("\t"))
+        if row is None or not row[0].strip():
+            raise DataFormatError(url, f"expected {expected}", number)
+        key, title, text = row[0].strip(), row[1], row[2]
+        if not (title.strip() or text.strip()):
+            raise DataFormatError(url, f"id {key!r} has empty text", number, "empty_text")
+        if key in seen:
+            raise DataFormatError(url, f"duplicate id {key!r}", number, "duplicate_id")
+        seen.add(key)
+        yield key, title, text
+
+
+def _load_id_text_tsv(url: str) -> dict[str, str]:
+    def columns(parts: list[str]) -> tuple[str, str, str] | None:
+        return (parts[0], "", " ".join(p for p in parts[1:] if p)) if len(parts) >= 2 else None
+
+    return {key: text for key, _, text in _tsv_rows(url, "'id<TAB>text'", columns)}
 
 
 def load_collection_tsv(url: str) -> Corpus:
     """An MS MARCO collection TSV: ``pid<TAB>text`` or ``pid<TAB>title<TAB>text``."""
-    ids, titles, texts = [], [], []
-    seen: set[str] = set()
-    for number, line in _lines(url):
-        parts = line.split("\t")
-        if len(parts) == 2:
-            pid, title, text = parts[0], "", parts[1]
-        elif len(parts) == 3:
-            pid, title, text = parts
-        else:
-            raise DataFormatError(url, "expected 'pid<TAB>text' or 'pid<TAB>title<TAB>text'",
-                                  number)
-        pid = pid.strip()
-        if not pid or not (title.strip() or text.strip()):
-            raise DataFormatError(url, "empty id or empty text", number)
-        if pid in seen:
-            raise DataFormatError(url, f"duplicate id {pid!r}", number)
-        seen.add(pid)
-        ids.append(pid)
-        titles.append(title)
-        texts.append(text)
-    return Corpus(ids, titles, texts)
+    def columns(parts: list[str]) -> tuple[str, str, str] | None:
+        return {2: (parts[0], "", parts[-1]), 3: tuple(parts)}.get(len(parts))
+
+    rows = list(_tsv_rows(url, "'pid<TAB>text' or 'pid<TAB>title<TAB>text'", columns))
+    return Corpus([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
 def check_qrels(qrels: Qrels, queries: dict[str, str], corpus: Corpus, qrels_url: str) -> None:
