@@ -125,10 +125,14 @@ def progress_callback(queue):
 
 
 def print_step(step: dict) -> None:
-    """The default progress line for :func:`train` (``progress=print_step``)."""
-    print(f"      step {step['step']}/{step['total_steps']}  loss {step['loss']:.4f}  "
-          f"lr {step['lr']:.2e}  {step['samples_per_s']:.1f} queries/s"
-          + ("  [checkpoint]" if step["checkpoint"] else ""), flush=True)
+    """The default progress for :func:`train` (``progress=print_step``): each step's summary
+    through ``retriever.console`` (a bar on a terminal, else a line every few seconds)."""
+    from retriever import console
+
+    console.track("train", step["step"], step["total_steps"],
+                  f"step {step['step']}/{step['total_steps']}  loss {step['loss']:.4f}  "
+                  f"lr {step['lr']:.2e}  {step['samples_per_s']:.1f} queries/s"
+                  + ("  [checkpoint]" if step["checkpoint"] else ""), unit="steps")
 
 
 def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):

@@ -1,0 +1,71 @@
+"""The evaluation matrix's report: ``report.md``, ``ndcg.png`` and ``report.html``.
+
+In: the matrix's config and its :class:`~retriever.evaluation.matrix.RunRecord` s (each cell's
+``metrics.json``, ``run.trec``, ``provenance.json``). Out: NDCG@10 (with a paired t-test
+against the baseline), MRR@10 and Recall@100 tables, the encoding throughput table and a bar
+chart, written under the matrix's output folder; returns the tables as markdown.
+"""
+
+from __future__ import annotations
+
+from retriever.evaluation.matrix import DatasetSpec, ModelSpec, RunRecord
+from retriever.io import store
+
+OTHER_METRICS = {"mrr@10": "MRR@10", "recall@100": "Recall@100"}
+
+
+def ndcg_cells(config, records: list[RunRecord]) -> dict:
+    """dataset -> model -> Cell(NDCG@10, per-query NDCG@10) for the t-test."""
+    from retriever.evaluation.metrics import per_query
+    from retriever.evaluation.report import Cell
+    from retriever.index.ranking import read_trec
+    from retriever.io.formats import load_dataset
+
+    specs = {DatasetSpec.parse(d).name: DatasetSpec.parse(d) for d in config.datasets}
+    results: dict = {}
+    for record in records:
+        spec = specs[record.dataset]
+        qrels = load_dataset(spec.path, spec.split).qrels
+        scores = per_query(qrels, read_trec(store.join(record.folder, "run.trec")))["ndcg@10"]
+        results.setdefault(record.dataset, {})[record.model] = Cell(record.metrics["ndcg@10"],
+                                                                   scores)
+    return results
+
+
+def throughput_rows(records: list[RunRecord]) -> list[dict]:
+    rows = []
+    for record in records:
+        provenance = store.read_json(store.join(record.folder, "provenance.json"))
+        if provenance.get("throughput"):
+            rows.append({"model": record.model, "dataset": record.dataset,
+                         **provenance["throughput"]})
+    return rows
+
+
+def write_report(config, records: list[RunRecord], out: str) -> str:
+    """Write the report files under ``out``; returns its tables as markdown."""
+    from retriever.evaluation.report import (Cell, bar_chart_png, html_report, markdown_table,
+                                             throughput_table)
+
+    models = [ModelSpec.parse(m).name for m in config.models]
+    results = ndcg_cells(config, records)
+    baseline = config.baseline if config.baseline in models else None
+    tables = [("NDCG@10", markdown_table(results, models, "ndcg@10", baseline))]
+    for metric, title in OTHER_METRICS.items():
+        other = {ds: {m: Cell(next(r.metrics[metric] for r in records
+                                   if r.dataset == ds and r.model == m)) for m in row}
+                 for ds, row in results.items()}
+        tables.append((title, markdown_table(other, models, metric)))
+    tables.append(("Encoding throughput", throughput_table(throughput_rows(records),
+                                                           config.price_per_hour,
+                                                           config.hardware)))
+    png = bar_chart_png(results, models, "ndcg@10")
+    markdown = "\n\n".join(f"## {title}\n\n{table}" for title, table in tables)
+    store.write_text(store.join(out, "report.md"),
+                     f"# Evaluation matrix {config.matrix_id}\n\n{markdown}\n\n"
+                     "![NDCG@10 per dataset](ndcg.png)\n")
+    store.write_bytes(store.join(out, "ndcg.png"), png)
+    store.write_text(store.join(out, "report.html"),
+                     html_report(f"Evaluation matrix {config.matrix_id}", tables,
+                                 [("NDCG@10 per dataset and model", png)]))
+    return markdown

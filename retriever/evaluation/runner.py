@@ -1,0 +1,172 @@
+"""Run an evaluation matrix on the cluster: every (model, dataset) cell, reused when finished.
+
+In: a :class:`MatrixConfig`. Out: one :class:`RunRecord` per cell, each written as
+``metrics.json``, ``run.trec`` and ``provenance.json`` under ``<out>/<model>/<dataset>/``, and
+the report (``retriever.evaluation.matrix_report``). A dense cell encodes the corpus on Ray
+Data (``retriever.pipelines.encode``) and builds its index (``retriever.index.build``); BM25
+and the dense query encoding plus search run as Ray tasks. A finished cell (same key) is read
+back instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from retriever import console
+from retriever.evaluation.matrix import (DatasetSpec, ModelSpec, RunRecord, cell_key,
+                                         dataset_fingerprint, finished)
+from retriever.io import store
+
+@dataclass
+class MatrixConfig:
+    """A models x datasets evaluation with a comparison report."""
+
+    models: list = field(metadata={"help": "model names/paths (or mappings in a config file)"})
+    datasets: list = field(metadata={"help": "dataset folders (or mappings in a config file)"})
+    matrix_id: str = field(default="default", metadata={"help": "names the output folder"})
+    baseline: str = field(default="bm25", metadata={"help": "model the t-test compares against"})
+    out: str | None = field(default=None, metadata={"help": "output URL"})
+    index_type: str = field(default="flat", metadata={"help": "flat | ivfpq | hnsw"})
+    shards: int = field(default=1, metadata={"help": "index shards per run"})
+    top_k: int = 1000
+    embedding_dtype: str = field(default="float32", metadata={"help": "stored vector type"})
+    price_per_hour: float = field(default=0.10, metadata={
+        "help": "price of the encoding hardware per hour, for cost per 1M docs"})
+    hardware: str = field(default="this machine (CPU)", metadata={"help": "named in the report"})
+
+
+@dataclass
+class Cell:
+    """One (model, dataset) run: where it goes and what identifies it."""
+
+    model: ModelSpec
+    spec: DatasetSpec
+    folder: str
+    settings: dict
+    model_hash: str
+    data_hash: str
+    key: str
+
+
+def _search_task(index_folder: str, model: str, options: dict, queries: list[str], k: int):
+    from retriever.index import shards as sh
+    from retriever.modeling.encoder import Encoder
+
+    encoder = Encoder(model=model, **options)
+    vectors = encoder.encode_queries(queries)
+    return sh.search_all(sh.load_all(index_folder), vectors, k)
+
+
+def _bm25_task(path: str, split: str, k: int):
+    from retriever.evaluation.runs import bm25_run
+    from retriever.io.formats import load_dataset
+
+    return bm25_run(load_dataset(path, split), k)[0]
+
+
+def plan_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, files: dict,
+              out: str) -> Cell:
+    from retriever.modeling.registry import resolve_model
+
+    settings = {"top_k": config.top_k, "split": spec.split}
+    if not model.is_bm25:
+        settings.update(index_type=config.index_type, shards=config.shards,
+                        embedding_dtype=config.embedding_dtype)
+    model_hash = "bm25" if model.is_bm25 else resolve_model(model.model).fingerprint()
+    data_hash = dataset_fingerprint(files)
+    return Cell(model, spec, store.join(out, model.name, spec.name), settings, model_hash,
+                data_hash, cell_key(model, model_hash, data_hash, settings))
+
+
+def dense_run(config: MatrixConfig, cell: Cell, queries: dict, root: str
+              ) -> tuple[dict, dict, dict]:
+    """Encode the corpus on Ray Data, build the index, search the queries in a Ray task:
+    (run, throughput, artefact folders)."""
+    import ray
+
+    from retriever.index.build import IndexBuildConfig, build_index
+    from retriever.pipelines.encode import EncodeOptions, encode_corpus
+
+    model, spec = cell.model, cell.spec
+    named = f"{model.name}-{cell.model_hash}"
+    emb_folder = store.join(root, "embeddings", f"{spec.name}-{cell.data_hash}", named)
+    encoded = encode_corpus(spec.path, EncodeOptions(
+        encoder=model.encoder_config(), embedding_dtype=config.embedding_dtype), emb_folder)
+    throughput = {}
+    if encoded.docs:
+        throughput = {"docs": encoded.docs, "docs_per_s": encoded.docs_per_s,
+                      "tokens_per_s": encoded.tokens_per_s,
+                      "padding_fraction": encoded.padding_fraction}
+    index_folder = store.join(root, "indexes", f"{spec.name}-{cell.data_hash}", named,
+                              f"{config.index_type}-{config.shards}")
+    build_index(IndexBuildConfig(embeddings=emb_folder, out=index_folder, shards=config.shards,
+                                 type=config.index_type))
+    hits = ray.get(ray.remote(num_cpus=0.5)(_search_task).remote(
+        index_folder, model.model, model.encoder_options(), list(queries.values()),
+        config.top_k))
+    return (dict(zip(queries, hits)), throughput,
+            {"embeddings": emb_folder, "index": index_folder})
+
+
+def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: str,
+             out: str) -> RunRecord:
+    """One cell: read back when finished, else run, score and write it."""
+    import ray
+
+    from retriever.evaluation.runs import score_run
+    from retriever.index.ranking import write_trec
+    from retriever.io.formats import load_dataset
+    from retriever.provenance import code_version, now
+
+    dataset = load_dataset(spec.path, spec.split)
+    cell = plan_cell(config, model, spec, dataset.files, out)
+    stored = finished(cell.folder, cell.key)
+    if stored is not None:
+        return RunRecord(model.name, spec.name, cell.folder, cell.key, True, stored)
+    started = time.time()
+    throughput, artefacts = {}, {}
+    if model.is_bm25:
+        run = ray.get(ray.remote(num_cpus=0.5)(_bm25_task).remote(spec.path, spec.split,
+                                                                   config.top_k))
+    else:
+        run, throughput, artefacts = dense_run(config, cell, dataset.judged_queries(), root)
+    result = score_run(dataset, run)
+    result.update({"dataset": spec.name, "model": model.name, "split": spec.split,
+                   "settings": cell.settings, "seconds": time.time() - started})
+    write_trec(run, store.join(cell.folder, "run.trec"), tag=model.name)
+    store.write_json(store.join(cell.folder, "metrics.json"), result)
+    store.write_json(store.join(cell.folder, "provenance.json"), {
+        "key": cell.key, "model": model.model, "model_options": model.encoder_options(),
+        "model_hash": cell.model_hash, "dataset": spec.path, "dataset_hash": cell.data_hash,
+        "dataset_files": dataset.files, "settings": cell.settings, "throughput": throughput,
+        **artefacts, "code_version": code_version(), "created": now()})
+    return RunRecord(model.name, spec.name, cell.folder, cell.key, False, result)
+
+
+def output_folder(config: MatrixConfig) -> str:
+    out = config.out or store.join(store.default_root(), "evals", config.matrix_id)
+    return out if store.has_scheme(out) else os.path.abspath(out)
+
+
+def run_matrix(config: MatrixConfig) -> tuple[list[RunRecord], str]:
+    """Every cell (one result line each), then the report; returns the records and the
+    report's markdown."""
+    from retriever.evaluation.matrix_report import write_report
+
+    models = [ModelSpec.parse(m) for m in config.models]
+    datasets = [DatasetSpec.parse(d) for d in config.datasets]
+    root, out = store.default_root(), output_folder(config)
+    console.ray_init()
+    records: list[RunRecord] = []
+    progress = console.Progress("evaluate", len(models) * len(datasets), "runs")
+    for spec in datasets:
+        for model in models:
+            record = run_cell(config, model, spec, root, out)
+            records.append(record)
+            progress.write(f"[{len(records)}/{progress.total}] {model.name} on {spec.name}: "
+                           f"ndcg@10 {record.metrics['ndcg@10']:.4f} "
+                           f"({'reused' if record.reused else 'computed'})", advance=1)
+    progress.close()
+    return records, write_report(config, records, out)
