@@ -310,38 +310,27 @@ def _pow2_at_least(x: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1.0, x))))
 
 
-def plan(cfg: PlanConfig) -> Plan:  # noqa: C901 - one straight-line derivation
+def plan(cfg: PlanConfig) -> Plan:
+    """Every quantity of the plan, in order: encode, embeddings, index, shards, search."""
     p = Plan(cfg)
-    N = float(cfg.docs)
-    d = cfg.dimensions
-    spec = cfg.model_spec
-    T = float(cfg.avg_tokens)
+    _plan_encode(p, cfg)
+    bytes_per_dim = _plan_embeddings(p, cfg)
+    per_vec, fixed = _plan_index(p, cfg, bytes_per_dim)
+    shards = _plan_shards(p, cfg, per_vec, fixed)
+    _plan_search(p, cfg, shards, bytes_per_dim)
+    return p
 
-    # ---- encode -------------------------------------------------------------------------
+
+def _plan_encode(p: Plan, cfg: PlanConfig) -> None:
+    """Encode throughput per GPU, GPU-hours, wall-clock hours and cost."""
+    N = float(cfg.docs)
     gpu = GPUS.get(cfg.gpu)
     gpu_price = cfg.gpu_price if cfg.gpu_price is not None else gpu.price_per_gpu_hour  # type: ignore[union-attr]
     if cfg.docs_per_second is not None:
         dps = float(cfg.docs_per_second)
         p.assumptions.append(f"encode throughput measured/stated: {num(dps)} docs/s per GPU")
     else:
-        assert gpu is not None
-        n_params = cfg.params if cfg.params is not None else spec.nonemb_params  # type: ignore[union-attr]
-        layers = spec.layers if spec else 0
-        hidden = spec.hidden if spec else d
-        fpt = p.add(
-            "flops_per_token", 2 * n_params + 2 * layers * T * hidden, "FLOP",
-            "2 x N_nonemb + 2 x n_layers x n_ctx x d_model  (Kaplan et al. 2020, forward pass)",
-            f"2 x {num(n_params)} + 2 x {layers} x {num(T)} x {hidden}",
-        )
-        flops_doc = p.add("flops_per_doc", fpt * T, "FLOP", "flops_per_token x avg_tokens",
-                          f"{num(fpt)} x {num(T)}")
-        eff = p.add("effective_flops_per_gpu", gpu.bf16_tflops * 1e12 * cfg.mfu, "FLOP/s",
-                    "peak_bf16 x MFU", f"{num(gpu.bf16_tflops)}e12 x {cfg.mfu}",
-                    note=f"{gpu.name}: {gpu.source}")
-        dps = p.add("docs_per_second_per_gpu", eff / flops_doc, "docs/s",
-                    "effective_flops_per_gpu / flops_per_doc", f"{num(eff)} / {num(flops_doc)}")
-        p.assumptions.append(f"MFU {cfg.mfu} (assumed, not measured; pass --docs-per-second "
-                             "with a measurement to replace the FLOPs estimate)")
+        dps = _plan_docs_per_second(p, cfg, gpu)
     gpu_hours = p.add("encode_gpu_hours", N / dps / 3600, "GPU-h",
                       "docs / docs_per_second_per_gpu / 3600", f"{num(N)} / {num(dps)} / 3600")
     p.add("encode_wall_hours", gpu_hours / cfg.encode_gpus, "h", "encode_gpu_hours / encode_gpus",
@@ -351,13 +340,45 @@ def plan(cfg: PlanConfig) -> Plan:  # noqa: C901 - one straight-line derivation
           note=(f"priced as {gpu.priced_as} on-demand" if gpu and cfg.gpu_price is None
                 else "price given"))
 
-    # ---- embeddings ---------------------------------------------------------------------
-    bpd = DTYPE_BYTES[cfg.dtype] if cfg.dtype != "binary" else 1 / 8
-    emb = p.add("embedding_bytes", N * d * bpd, "B", "docs x dims x bytes_per_dim",
-                f"{num(N)} x {d} x {num(bpd)}  ({cfg.dtype})")
-    del emb
 
-    # ---- index --------------------------------------------------------------------------
+def _plan_docs_per_second(p: Plan, cfg: PlanConfig, gpu: GpuSpec | None) -> float:
+    """Docs/s per GPU estimated from the forward-pass FLOPs and an assumed MFU."""
+    assert gpu is not None
+    spec = cfg.model_spec
+    T = float(cfg.avg_tokens)
+    n_params = cfg.params if cfg.params is not None else spec.nonemb_params  # type: ignore[union-attr]
+    layers = spec.layers if spec else 0
+    hidden = spec.hidden if spec else cfg.dimensions
+    fpt = p.add(
+        "flops_per_token", 2 * n_params + 2 * layers * T * hidden, "FLOP",
+        "2 x N_nonemb + 2 x n_layers x n_ctx x d_model  (Kaplan et al. 2020, forward pass)",
+        f"2 x {num(n_params)} + 2 x {layers} x {num(T)} x {hidden}",
+    )
+    flops_doc = p.add("flops_per_doc", fpt * T, "FLOP", "flops_per_token x avg_tokens",
+                      f"{num(fpt)} x {num(T)}")
+    eff = p.add("effective_flops_per_gpu", gpu.bf16_tflops * 1e12 * cfg.mfu, "FLOP/s",
+                "peak_bf16 x MFU", f"{num(gpu.bf16_tflops)}e12 x {cfg.mfu}",
+                note=f"{gpu.name}: {gpu.source}")
+    dps = p.add("docs_per_second_per_gpu", eff / flops_doc, "docs/s",
+                "effective_flops_per_gpu / flops_per_doc", f"{num(eff)} / {num(flops_doc)}")
+    p.assumptions.append(f"MFU {cfg.mfu} (assumed, not measured; pass --docs-per-second "
+                         "with a measurement to replace the FLOPs estimate)")
+    return dps
+
+
+def _plan_embeddings(p: Plan, cfg: PlanConfig) -> float:
+    """Bytes of the stored embeddings; returns the bytes per dimension of ``cfg.dtype``."""
+    N, d = float(cfg.docs), cfg.dimensions
+    bpd = DTYPE_BYTES[cfg.dtype] if cfg.dtype != "binary" else 1 / 8
+    p.add("embedding_bytes", N * d * bpd, "B", "docs x dims x bytes_per_dim",
+          f"{num(N)} x {d} x {num(bpd)}  ({cfg.dtype})")
+    return bpd
+
+
+def _plan_index(p: Plan, cfg: PlanConfig, bpd: float) -> tuple[float, float]:
+    """Index bytes per vector and the fixed bytes every shard holds (trained structures);
+    returns both."""
+    N, d = float(cfg.docs), cfg.dimensions
     if cfg.index == "flat":
         per_vec = p.add("index_bytes_per_vector", d * bpd + ID_BYTES, "B",
                         "dims x bytes_per_dim + id_bytes", f"{d} x {num(bpd)} + {ID_BYTES}")
@@ -377,13 +398,16 @@ def plan(cfg: PlanConfig) -> Plan:  # noqa: C901 - one straight-line derivation
                         "dims x 4 + M x 2 x 4 (level-0 links) + id_bytes",
                         f"{d} x 4 + {cfg.hnsw_m} x 2 x 4 + {ID_BYTES}")
         fixed = p.add("index_fixed_bytes_per_shard", 0.0, "B", "0", "0")
-    total_vec = p.add("index_vector_bytes", N * per_vec, "B", "docs x index_bytes_per_vector",
-                      f"{num(N)} x {num(per_vec)}")
+    p.add("index_vector_bytes", N * per_vec, "B", "docs x index_bytes_per_vector",
+          f"{num(N)} x {num(per_vec)}")
+    return per_vec, fixed
 
-    # ---- shards -------------------------------------------------------------------------
+
+def _plan_shards(p: Plan, cfg: PlanConfig, per_vec: float, fixed: float) -> float:
+    """How many shards of the node type's memory the index needs; returns the count."""
+    N = float(cfg.docs)
     node = NODE_TYPES.get(cfg.node_type)
     mem_gib = cfg.node_memory_gib if cfg.node_memory_gib is not None else node.memory_gib  # type: ignore[union-attr]
-    price = cfg.node_price if cfg.node_price is not None else node.price_per_hour  # type: ignore[union-attr]
     cap = p.add("shard_capacity_bytes", mem_gib * GIB * cfg.memory_fraction, "B",
                 "node_memory_GiB x 2^30 x memory_fraction",
                 f"{num(mem_gib)} x 2^30 x {cfg.memory_fraction}",
@@ -397,15 +421,21 @@ def plan(cfg: PlanConfig) -> Plan:  # noqa: C901 - one straight-line derivation
                 f"floor(({num(cap)} - {num(fixed)}) / {num(per_vec)})")
     shards = p.add("shards", math.ceil(N / vps), "", "ceil(docs / vectors_per_shard_max)",
                    f"ceil({num(N)} / {num(vps)})")
-    shard_bytes = p.add("index_bytes_per_shard", math.ceil(N / shards) * per_vec + fixed, "B",
-                        "ceil(docs / shards) x index_bytes_per_vector + index_fixed_bytes_per_shard",
-                        f"ceil({num(N)} / {num(shards)}) x {num(per_vec)} + {num(fixed)}")
+    p.add("index_bytes_per_shard", math.ceil(N / shards) * per_vec + fixed, "B",
+          "ceil(docs / shards) x index_bytes_per_vector + index_fixed_bytes_per_shard",
+          f"ceil({num(N)} / {num(shards)}) x {num(per_vec)} + {num(fixed)}")
+    total_vec = p["index_vector_bytes"]
     p.add("index_bytes_total", total_vec + shards * fixed, "B",
           "index_vector_bytes + shards x index_fixed_bytes_per_shard",
           f"{num(total_vec)} + {num(shards)} x {num(fixed)}")
-    del shard_bytes
+    return shards
 
-    # ---- search -------------------------------------------------------------------------
+
+def _plan_search(p: Plan, cfg: PlanConfig, shards: float, bpd: float) -> None:
+    """Per-query fan-out and scan work, search nodes and their cost; the plan's assumptions."""
+    N, d = float(cfg.docs), cfg.dimensions
+    node = NODE_TYPES.get(cfg.node_type)
+    price = cfg.node_price if cfg.node_price is not None else node.price_per_hour  # type: ignore[union-attr]
     p.add("search_fanout", shards, "shards/query", "shards (every query visits every shard)",
           f"{num(shards)}")
     if cfg.index == "ivfpq":
@@ -427,7 +457,6 @@ def plan(cfg: PlanConfig) -> Plan:  # noqa: C901 - one straight-line derivation
                          "(Ray object store default 30%, ~10% OS/heap headroom)")
     p.assumptions.append("prices: AWS on-demand us-east-1 (author's mid-2024 figures, not "
                          "re-fetched); pass --gpu-price / --node-price for current ones")
-    return p
 
 
 def format_plan(p: Plan) -> str:
