@@ -67,7 +67,7 @@ def significance(results: Results, baseline: str) -> dict[tuple[str, str], float
 def markdown_table(results: Results, models: list[str], metric: str = "ndcg@10",
                    baseline: str | None = None) -> str:
     pvalues = significance(results, baseline) if baseline else {}
-    head = f"| dataset | " + " | ".join(models) + " |"
+    head = "| dataset | " + " | ".join(models) + " |"
     lines = [f"{metric}" + (f" (dagger: p < {SIGNIFICANCE} vs {baseline}, two-sided paired "
                             "t-test)" if baseline else ""), "", head,
              "|---|" + "---:|" * len(models)]
