@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -55,15 +54,13 @@ def _assigned_cpus() -> int:
 
 
 def local_model(model: str) -> str:
-    """A model named by a remote URL (s3://...) is copied to a local directory first."""
+    """A model named by a remote URL (s3://...) is copied to the local model cache first."""
     from retriever.io import store
+    from retriever.modeling.registry import local_copy
 
     if not store.has_scheme(model) or store.is_local(model):
         return model[len("file://"):] if model.startswith("file://") else model
-    fs, path = store.filesystem(model)
-    target = tempfile.mkdtemp(prefix="retriever-model-")
-    fs.get(path.rstrip("/") + "/", target + "/", recursive=True)
-    return target
+    return str(local_copy(model))
 
 
 @serve.deployment(name="QueryEncoder", ray_actor_options={"num_cpus": 0.5},

@@ -313,7 +313,7 @@ def test_run_folder_on_s3(s3_env, assets, ray_local, tmp_path):
     """Examples read from, checkpoints and exports written to an S3 store (SeaweedFS)."""
     from retriever.io import store
     from retriever.modeling.encoder import Encoder, EncoderConfig
-    from retriever.training.export import download_dir
+    from retriever.modeling.registry import local_copy
     from retriever.training.run import train
 
     examples = store.join(s3_env, "data", "examples.jsonl")
@@ -325,6 +325,6 @@ def test_run_folder_on_s3(s3_env, assets, ray_local, tmp_path):
     assert result.checkpoint and result.checkpoint.startswith(s3_env.removeprefix("s3://"))
     assert store.exists(store.join(out, "adapter", "adapter_model.safetensors"))
     assert store.exists(store.join(out, "merged", "retriever.json"))
-    local = download_dir(store.join(out, "adapter"), tmp_path / "adapter")
+    local = local_copy(store.join(out, "adapter"))
     encoder = Encoder(EncoderConfig(model=str(local), dtype="float32"))
     assert encoder.encode(["shock wave"], "query").shape == (1, 32)

@@ -14,8 +14,8 @@ and cached as a normal model directory under ``$RETRIEVER_CACHE`` (default
 A directory may carry ``retriever.json`` (written by the training export) with the encoder
 settings it was trained with; those become its defaults. A directory in object storage
 (``s3://.../train/merged`` as a training run on a cluster writes it) is copied once into
-``$RETRIEVER_CACHE/remote/`` and loaded from there; the copy is refreshed when the remote
-listing (names, sizes) changes.
+``$RETRIEVER_CACHE/remote/`` (:func:`local_copy`) and loaded from there; it is fetched again
+when the remote listing (names, sizes, ETags / modification times) changes.
 """
 
 from __future__ import annotations
@@ -217,42 +217,56 @@ def _infer_defaults(path: Path, config: dict) -> EncoderDefaults:
     return EncoderDefaults(pooling="cls", query_max_length=512, passage_max_length=512)
 
 
+def _remote_listing(fs, root: str, url: str) -> list[list]:
+    """[relative name, size, version] of every file under ``root``, by name; the version is
+    the object's ETag (S3) or modification time, so a rewrite of the same size still shows."""
+    fs.invalidate_cache(root)
+    try:
+        infos = [info for info in fs.find(root, detail=True).values()
+                 if info.get("type") == "file"]
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(f"model {url!r}: cannot list it ({err})") from err
+    if not infos:
+        raise ModelNotFound(f"model {url!r}: no such directory (or it is empty)")
+    version = ("ETag", "mtime", "LastModified", "created")
+    return sorted([info["name"][len(root) + 1:], int(info.get("size") or 0),
+                   str(next((info[key] for key in version if info.get(key)), ""))]
+                  for info in infos)
+
+
 def local_copy(url: str) -> Path:
-    """A local copy of the model directory at fsspec ``url`` (downloaded when it changed)."""
+    """A local copy of the model directory at fsspec ``url``: the one way a model in the store
+    reaches this machine.
+
+    Copies live under ``$RETRIEVER_CACHE/remote/``, keyed by the URL and the remote listing
+    (names, sizes, ETags or modification times): an unchanged directory is never fetched
+    again, a changed one is fetched into a new copy, so a copy another process is loading is
+    never replaced under it. A copy appears whole (staged, then renamed) or not at all.
+    """
     from retriever.io import store
 
     fs, root = store.filesystem(url)
-    fs.invalidate_cache(root)
-    try:
-        files = {info["name"]: int(info.get("size") or 0)
-                 for info in fs.find(root, detail=True).values() if info.get("type") == "file"}
-    except (OSError, ValueError) as err:
-        raise ModelNotFound(f"model {url!r}: cannot list it ({err})") from err
-    if not files:
-        raise ModelNotFound(f"model {url!r}: no such directory (or it is empty)")
-    listing = sorted((name[len(root.rstrip("/")) + 1:], size) for name, size in files.items())
-    target = cache_root() / "remote" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    root = root.rstrip("/")
+    listing = _remote_listing(fs, root, url)
+    url_key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    content_key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    target = cache_root() / "remote" / f"{url_key}-{content_key}"
     marker = target / ".listing.json"
-
-    def current() -> bool:  # the local copy is of this listing
-        return marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]
-
-    if current():
+    if marker.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
-        for name, _ in listing:
+        for name, _, _ in listing:
             destination = staging / name
             destination.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{root.rstrip('/')}/{name}", str(destination))
-        (staging / ".listing.json").write_text(json.dumps(listing))
-        shutil.rmtree(target, ignore_errors=True)
+            fs.get_file(f"{root}/{name}", str(destination))
+        (staging / marker.name).write_text(json.dumps(listing))
         try:
             os.replace(staging, target)  # a reader never sees a half-copied model
         except OSError:
-            if not current():
-                raise  # not another process's finished copy of the same listing
+            if not marker.exists():
+                raise  # not another process's finished copy of the same content
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

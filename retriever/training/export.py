@@ -9,12 +9,12 @@ Both load with ``resolve_model`` / ``retriever eval --model DIR`` / the encode j
   safetensors), the tokenizer, and ``retriever.json``.
 
 Directories are written locally, then copied file by file into the store (any fsspec URL),
-``retriever.json`` last, so a directory with that file is complete.
+``retriever.json`` last, so a directory with that file is complete. Reading one back goes
+through the model cache (``retriever.modeling.registry.local_copy`` / ``resolve_model``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -81,13 +81,3 @@ def upload_dir(local: str | Path, url: str) -> None:
         with open(path, "rb") as src, store.open_write(store.join(url, rel), "wb") as dst:
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
-
-
-def download_dir(url: str, local: str | Path) -> Path:
-    """Copy a store directory to a local path (for loading with ``from_pretrained``)."""
-    local = Path(local)
-    if store.is_local(url):
-        return Path(url.removeprefix("file://"))
-    fs, path = store.filesystem(url)
-    fs.get(path.rstrip("/") + "/", str(local) + os.sep, recursive=True)
-    return local
