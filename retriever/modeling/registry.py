@@ -148,7 +148,7 @@ def _convert_gguf(model: PackagedModel, target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():
+        if _converted(model, target):
             return  # another process converted it while we waited
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             gguf_path = Path(scratch) / f"{model.name}.gguf"
@@ -174,7 +174,15 @@ def _convert_gguf(model: PackagedModel, target: Path) -> None:
             (staging / SETTINGS_FILE).write_text(json.dumps(
                 {"defaults": asdict(model.defaults), "source": model.description,
                  "gguf_sha256": model.gguf.sha256}, indent=2))
+            shutil.rmtree(target, ignore_errors=True)  # a conversion of other GGUF bytes
             os.replace(staging, target)
+
+
+def _converted(model: PackagedModel, target: Path) -> bool:
+    """The cached conversion is of exactly this GGUF (its sha256 is stored beside it)."""
+    settings = target / SETTINGS_FILE
+    return ((target / "config.json").exists() and settings.exists()
+            and json.loads(settings.read_text()).get("gguf_sha256") == model.gguf.sha256)
 
 
 def _packaged_path(model: PackagedModel) -> Path:
@@ -184,7 +192,7 @@ def _packaged_path(model: PackagedModel) -> Path:
             raise ModelNotFound(f"{model.name}: no config.json under {path}")
         return path
     target = cache_root() / "models" / model.name
-    if not (target / "config.json").exists():
+    if not _converted(model, target):
         _convert_gguf(model, target)
     return target
 
