@@ -37,8 +37,8 @@ def test_examples_without_query_ids_keep_their_in_batch_negatives():
 
 
 def test_query_key_prefers_the_id_and_separates_ids_from_texts():
-    assert query_key(TrainingExample(query="x", positives=["p"], query_id="7")) == "id:7"
-    assert query_key(TrainingExample(query="7", positives=["p"])) == "text:7"
+    assert query_key(TrainingExample(query="x", positives=["p"], query_id="7")) == "7"
+    assert query_key(TrainingExample(query="7", positives=["p"])) == "\0text:7"
     same_text = [TrainingExample(query="same", positives=["a"]),
                  TrainingExample(query="same", positives=["b"])]
     assert query_key(same_text[0]) == query_key(same_text[1])  # one query: masked as before

@@ -30,8 +30,9 @@ from retriever.errors import InputError
 
 
 def query_key(example: TrainingExample) -> str:
-    """What identifies the example's query: its id, else its text (never a shared empty key)."""
-    return f"id:{example.query_id}" if example.query_id else f"text:{example.query}"
+    """What identifies the example's query: its id, else its text (never a shared empty key).
+    The NUL keeps a text key from ever equalling a real id."""
+    return example.query_id or f"\0text:{example.query}"
 
 
 @dataclass(frozen=True)
