@@ -18,7 +18,7 @@ import torch
 
 from retriever.modeling.device import Placement
 from retriever.modeling.registry import EncoderDefaults, ResolvedModel, resolve_model
-from retriever.modeling.pooling import POOLINGS, pool
+from retriever.modeling.pooling import POOLINGS, embed
 from retriever.modeling.prompts import PROMPT_MODES, Template, one_word_template, with_instruction
 
 log = logging.getLogger(__name__)
@@ -191,12 +191,8 @@ class Encoder:
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled (and normalised) embeddings with autograd; used by training too."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        vectors = pool(out.last_hidden_state, attention_mask, self.pooling).float()
-        if self.normalize:
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-        return vectors
+        """Pooled (and normalised) embeddings with autograd."""
+        return embed(self.model, input_ids, attention_mask, self.pooling, self.normalize)
 
     def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": [list(r) for r in rows]}, return_tensors="pt")

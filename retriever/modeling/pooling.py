@@ -25,3 +25,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
         last = seq_len - 1 - attention_mask.int().flip(dims=[1]).argmax(dim=1)
         return hidden[rows, last]
     raise ValueError(f"pooling {mode!r}: expected one of {', '.join(POOLINGS)}")
+
+
+def embed(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          mode: str, normalize: bool) -> torch.Tensor:
+    """One embedding (float32, L2-normalised if ``normalize``) per row: ``model``'s last hidden
+    states pooled by ``mode``; with autograd, so the Encoder and training share it."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    vectors = pool(out.last_hidden_state, attention_mask, mode).float()
+    return torch.nn.functional.normalize(vectors, p=2, dim=-1) if normalize else vectors

@@ -60,7 +60,7 @@ HOURS_PER_MONTH = 730.0  # AWS's convention for monthly prices (8760 h / 12)
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class BackboneSize:
     """Size of an encoder backbone; ``source`` says where each number was read."""
 
     name: str
@@ -71,34 +71,40 @@ class ModelSpec:
     source: str
 
 
+def _qwen(size: str, params: float, nonemb: float, layers: int, hidden: int) -> BackboneSize:
+    """A Qwen2.5 base model: both parameter counts as its model card states them."""
+    return BackboneSize(f"qwen2.5-{size.lower()}", params, nonemb, layers, hidden,
+                        f"hf.co/Qwen/Qwen2.5-{size.upper()} model card: {params / 1e9:g}B total, "
+                        f"{nonemb / 1e9:g}B non-embedding")
+
+
+def _smollm2(size: str, params: float, nonemb: float, layers: int, hidden: int) -> BackboneSize:
+    """A SmolLM2 model: counts from its config.json (49152-token vocabulary, tied head)."""
+    return BackboneSize(f"smollm2-{size.lower()}", params, nonemb, layers, hidden,
+                        f"hf.co/HuggingFaceTB/SmolLM2-{size} config.json: vocab 49152 x {hidden}, "
+                        "tied")
+
+
 # Each row: model card / config.json on the Hugging Face Hub.
-MODELS: dict[str, ModelSpec] = {
+MODELS: dict[str, BackboneSize] = {
     m.name: m
     for m in [
-        ModelSpec("qwen2.5-0.5b", 0.49e9, 0.36e9, 24, 896,
-                  "hf.co/Qwen/Qwen2.5-0.5B model card: 0.49B total, 0.36B non-embedding"),
-        ModelSpec("qwen2.5-1.5b", 1.54e9, 1.31e9, 28, 1536,
-                  "hf.co/Qwen/Qwen2.5-1.5B model card: 1.54B total, 1.31B non-embedding"),
-        ModelSpec("qwen2.5-3b", 3.09e9, 2.77e9, 36, 2048,
-                  "hf.co/Qwen/Qwen2.5-3B model card: 3.09B total, 2.77B non-embedding"),
-        ModelSpec("qwen2.5-7b", 7.61e9, 6.53e9, 28, 3584,
-                  "hf.co/Qwen/Qwen2.5-7B model card: 7.61B total, 6.53B non-embedding"),
-        ModelSpec("qwen2.5-14b", 14.7e9, 13.1e9, 48, 5120,
-                  "hf.co/Qwen/Qwen2.5-14B model card: 14.7B total, 13.1B non-embedding"),
-        ModelSpec("mistral-7b", 7.24e9, 6.98e9, 32, 4096,
-                  "hf.co/mistralai/Mistral-7B-v0.1 config.json: vocab 32000 x 4096, untied head "
-                  "(e5-mistral-7b-instruct has the same backbone)"),
-        ModelSpec("llama-3.1-8b", 8.03e9, 6.98e9, 32, 4096,
-                  "hf.co/meta-llama/Llama-3.1-8B config.json: vocab 128256 x 4096, untied head"),
-        ModelSpec("smollm2-135m", 0.135e9, 0.106e9, 30, 576,
-                  "hf.co/HuggingFaceTB/SmolLM2-135M config.json: vocab 49152 x 576, tied"),
-        ModelSpec("smollm2-360m", 0.362e9, 0.315e9, 32, 960,
-                  "hf.co/HuggingFaceTB/SmolLM2-360M config.json: vocab 49152 x 960, tied"),
-        ModelSpec("smollm2-1.7b", 1.71e9, 1.61e9, 24, 2048,
-                  "hf.co/HuggingFaceTB/SmolLM2-1.7B config.json: vocab 49152 x 2048, tied"),
-        ModelSpec("minilm", 22.7e6, 10.8e6, 6, 384,
-                  "hf.co/sentence-transformers/all-MiniLM-L6-v2: 22.7M total, "
-                  "vocab 30522 x 384 + 512 x 384 position embeddings"),
+        _qwen("0.5B", 0.49e9, 0.36e9, 24, 896),
+        _qwen("1.5B", 1.54e9, 1.31e9, 28, 1536),
+        _qwen("3B", 3.09e9, 2.77e9, 36, 2048),
+        _qwen("7B", 7.61e9, 6.53e9, 28, 3584),
+        _qwen("14B", 14.7e9, 13.1e9, 48, 5120),
+        BackboneSize("mistral-7b", 7.24e9, 6.98e9, 32, 4096,
+                     "hf.co/mistralai/Mistral-7B-v0.1 config.json: vocab 32000 x 4096, untied "
+                     "head (e5-mistral-7b-instruct has the same backbone)"),
+        BackboneSize("llama-3.1-8b", 8.03e9, 6.98e9, 32, 4096,
+                     "hf.co/meta-llama/Llama-3.1-8B config.json: vocab 128256 x 4096, untied head"),
+        BackboneSize("minilm", 22.7e6, 10.8e6, 6, 384,
+                     "hf.co/sentence-transformers/all-MiniLM-L6-v2: 22.7M total, "
+                     "vocab 30522 x 384 + 512 x 384 position embeddings"),
+        _smollm2("135M", 0.135e9, 0.106e9, 30, 576),
+        _smollm2("360M", 0.362e9, 0.315e9, 32, 960),
+        _smollm2("1.7B", 1.71e9, 1.61e9, 24, 2048),
     ]
 }
 
@@ -229,7 +235,7 @@ class PlanConfig:
             raise ValueError("replicas and encode_gpus must be >= 1")
 
     @property
-    def model_spec(self) -> ModelSpec | None:
+    def model_spec(self) -> BackboneSize | None:
         return MODELS.get(self.model) if self.model else None
 
     @property

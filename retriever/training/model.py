@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from retriever.modeling.registry import ResolvedModel
-from retriever.modeling.pooling import pool
+from retriever.modeling.pooling import embed
 
 
 class EmbeddingModel(torch.nn.Module):
@@ -25,11 +25,7 @@ class EmbeddingModel(torch.nn.Module):
         self.normalize = normalize
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        vectors = pool(out.last_hidden_state, attention_mask, self.pooling).float()
-        if self.normalize:
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-        return vectors
+        return embed(self.backbone, input_ids, attention_mask, self.pooling, self.normalize)
 
     def forward(self, query_ids, query_mask, passage_ids, passage_mask):
         return self.embed(query_ids, query_mask), self.embed(passage_ids, passage_mask)
