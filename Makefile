@@ -5,9 +5,13 @@ STAMP := $(VENV)/.installed
 .PHONY: setup browser demo test bench clean
 setup: $(STAMP)
 
+# pip's output goes to the log; its last line (or, on failure, its tail) is shown.
+SETUP_LOG := .retriever/setup.log
 $(STAMP): pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh
-	touch $(STAMP)
+	@mkdir -p $(dir $(SETUP_LOG)) && echo "setup: installing into $(VENV) (log: $(SETUP_LOG))"
+	@bash scripts/setup.sh > $(SETUP_LOG) 2>&1 || { tail -n 40 $(SETUP_LOG); exit 1; }
+	@tail -n 1 $(SETUP_LOG)
+	@touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/retriever demo $(ARGS)

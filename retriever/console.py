@@ -3,9 +3,9 @@
 In: a job's stage titles and progress counts. Out: lines on stdout -- ``[3/5] fine-tune ...``
 when a stage starts, ``[3/5] fine-tune done in 4m12s: ...`` when it ends, and progress as a
 tqdm bar on a terminal or, when stdout is not a terminal, one line in the stage's own words
-every :data:`REPORT_EVERY_S` seconds. :func:`quiet_ray` keeps Ray's, Ray Data's and Ray
-Train's INFO logs, progress bars and understood-harmless warnings out of the console (they
-stay in Ray's log files under the session folder); ``--verbose`` (``RETRIEVER_VERBOSE=1``)
+every :data:`REPORT_EVERY_S` seconds. :func:`quiet` keeps Ray's, Ray Data's and Ray
+Train's INFO logs, progress bars and understood-harmless warnings (and Hugging Face's
+weight-loading bars) out of the console (Ray's stay in its log files under the session folder); ``--verbose`` (``RETRIEVER_VERBOSE=1``)
 shows them again.
 """
 
@@ -20,6 +20,7 @@ import warnings
 
 VERBOSE_ENV = "RETRIEVER_VERBOSE"
 REPORT_EVERY_S = 20.0
+LINES_PER_PROGRESS = 8  # a long piece of work reports every 1/8 of it instead (ETA known)
 INDENT = "      "
 # Python warnings seen in a normal run and known to be harmless here, by message start.
 HARMLESS_WARNINGS = (
@@ -86,6 +87,7 @@ class Progress:
         self.stream = stream or sys.stdout
         self.done_count, self.started, self.last_shown = 0, time.time(), None
         self.unshown: str | None = None  # the latest text not printed yet
+        self.first: int | None = None  # the count at the first update: the rate counts from it
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
@@ -97,6 +99,8 @@ class Progress:
         """Set the count to ``done`` (else advance it) and show ``text`` when it is time."""
         before = self.done_count
         self.done_count = done if done is not None else before + advance
+        if self.first is None:
+            self.first, self.started = self.done_count, time.time()
         if self.bar is not None:
             self.bar.update(self.done_count - before)
             if text:
@@ -105,7 +109,7 @@ class Progress:
         now = time.time()
         finished = self.total is not None and self.done_count >= self.total
         self.unshown = text or self.default_text()
-        if self.last_shown is None or now - self.last_shown >= self.every or finished:
+        if self.last_shown is None or now - self.last_shown >= self.interval() or finished:
             self.last_shown = now
             self._line(self.unshown)
             self.unshown = None
@@ -115,12 +119,24 @@ class Progress:
         total = f"/{self.total}" if self.total is not None else ""
         return f"{self.label}: {self.done_count}{total} {self.unit} ({rate:.1f} {self.unit}/s)"
 
+    def seconds_left(self) -> float | None:
+        """From the rate since the first update; None while unknown."""
+        elapsed, counted = time.time() - self.started, self.done_count - (self.first or 0)
+        if not self.total or counted <= 0 or elapsed < 1:
+            return None
+        return elapsed / counted * max(0, self.total - self.done_count)
+
+    def interval(self) -> float:
+        """``every`` seconds, or an eighth of the whole when that is longer."""
+        left = self.seconds_left()
+        if left is None:
+            return self.every
+        return max(self.every, (time.time() - self.started + left) / LINES_PER_PROGRESS)
+
     def eta(self) -> str:
-        elapsed = time.time() - self.started
-        if not self.total or not self.done_count or self.done_count >= self.total:
-            return duration(elapsed)
-        left = elapsed / self.done_count * (self.total - self.done_count)
-        return f"{duration(elapsed)}, ETA {duration(left)}"
+        left = self.seconds_left()
+        took = duration(time.time() - self.started)
+        return took if not left else f"{took}, ETA {duration(left)}"
 
     def _line(self, text: str) -> None:
         print(f"{INDENT}{text}  [{self.eta()}]", file=self.stream, flush=True)
@@ -185,9 +201,9 @@ class _HarmlessRayLogs(logging.Filter):
         return not str(record.msg).startswith(HARMLESS_RAY_LOGS)
 
 
-def quiet_ray(verbose: bool | None = None) -> dict:
-    """Keep Ray's console output to errors (unless verbose); returns the logging keyword
-    arguments for ``ray.init``. Call it before ``ray.init`` and before any Ray Data run."""
+def quiet(verbose: bool | None = None) -> dict:
+    """Keep Ray's and Hugging Face's console output to errors and what this project reports
+    itself (unless verbose); returns the logging keyword arguments for ``ray.init``. Call it before ``ray.init`` and before any Ray Data run."""
     verbose = is_verbose() if verbose is None else verbose
     if verbose:
         return {"log_to_driver": True, "logging_level": logging.INFO}
@@ -201,6 +217,9 @@ def quiet_ray(verbose: bool | None = None) -> dict:
             handler.addFilter(_HarmlessRayLogs())
     for pattern in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars
+    if "transformers" in sys.modules:  # it read that setting when imported
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -213,9 +232,9 @@ def quiet_ray(verbose: bool | None = None) -> dict:
 
 
 def ray_init(**kwargs) -> None:
-    """``ray.init`` (when Ray is not started yet) with :func:`quiet_ray`'s logging settings."""
+    """``ray.init`` (when Ray is not started yet) with :func:`quiet`'s logging settings."""
     import ray
 
-    settings = quiet_ray()
+    settings = quiet()
     if not ray.is_initialized():
         ray.init(**{**settings, **kwargs})
