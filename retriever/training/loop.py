@@ -11,12 +11,15 @@ At the end rank 0 exports the adapter and the merged model into the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
 import shutil
 import tempfile
 import time
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -99,8 +102,6 @@ def _mean_across(value: torch.Tensor) -> float:
 def export_defaults(texts, config: TrainConfig):
     """The embedding settings the exported model carries: the training ones, but for an
     explicit ``export_passage_max_length``."""
-    import dataclasses
-
     defaults = texts.defaults()
     if config.export_passage_max_length:
         defaults = dataclasses.replace(defaults,
@@ -153,185 +154,326 @@ def base_reference(model: str, resolved) -> str:
     return model if model in PACKAGED else resolved.path
 
 
+@dataclasses.dataclass
+class WorkerState:
+    """What one worker builds in setup and carries through resume, training and export."""
+
+    config: TrainConfig
+    out: str
+    train_data: str
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    sampler: Any = None
+    total: int = 0  # optimizer steps of the whole run
+    texts: Any = None  # retriever.training.texts tokenizer, with .resolved and the defaults
+    base_ref: str = ""
+    ds_config: dict | None = None  # None: DDP
+    backbone: Any = None
+    peft_model: Any = None
+    module: Any = None  # EmbeddingModel
+    engine: Any = None
+    start_step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    resumes: list = dataclasses.field(default_factory=list)
+    partition: dict = dataclasses.field(default_factory=dict)
+    workers: list = dataclasses.field(default_factory=list)
+
+    @property
+    def resolved(self):
+        return self.texts.resolved
+
+
 def train_loop_per_worker(payload: dict) -> None:
+    worker = _start_worker(payload)
+    _load_texts(worker)
+    _configure_deepspeed(worker)
+    _build_peft_model(worker)
+    restored = _resume_state(worker)
+    names = _build_engine(worker, restored)
+    _describe_partition(worker, names)
+    _train(worker)
+    _finish(worker)
+
+
+# ---------------------------------------------------------------------------- setup
+
+def _start_worker(payload: dict) -> WorkerState:
+    """This worker's rank, device and precision, seeded, with its sampler over the data."""
     import ray.train
     import ray.train.torch
 
     from retriever.io.formats import load_training_examples
     from retriever.training.batches import GroupSampler
-    from retriever.training.checkpoint import read_state, write_state
-    from retriever.training.engines import (build_engine, deepspeed_config, lr_lambda,
-                                            partition_report)
-    from retriever.training.export import load_adapter_weights, write_adapter
-    from retriever.training.lora import apply_lora, lora_config
-    from retriever.training.model import EmbeddingModel, build_backbone, hidden_size
-    from retriever.training.texts import text_tokenizer
 
     config = TrainConfig(**payload["config"])
-    out, train_data = payload["out"], payload["train_data"]
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    dtype = _dtype(config, device)
+    worker = WorkerState(config=config, out=payload["out"], train_data=payload["train_data"],
+                         rank=context.get_world_rank(), world=context.get_world_size(),
+                         device=device, dtype=_dtype(config, device))
     torch.manual_seed(config.seed)
 
-    examples = load_training_examples(train_data)
-    sampler = GroupSampler(examples, group_size=config.group_size,
-                           per_device=config.per_device_batch_size, world_size=world,
-                           accumulation=config.gradient_accumulation_steps, seed=config.seed,
-                           per_positive=config.per_positive, source=train_data)
-    total = sampler.total_steps(config.epochs, config.max_steps)
-    warmup = int(config.warmup_ratio * total)
+    examples = load_training_examples(worker.train_data)
+    worker.sampler = GroupSampler(examples, group_size=config.group_size,
+                                  per_device=config.per_device_batch_size,
+                                  world_size=worker.world,
+                                  accumulation=config.gradient_accumulation_steps,
+                                  seed=config.seed, per_positive=config.per_positive,
+                                  source=worker.train_data)
+    worker.total = worker.sampler.total_steps(config.epochs, config.max_steps)
+    return worker
 
-    texts = text_tokenizer(config.model, pooling=config.pooling,
-                           query_prefix=config.query_prefix, passage_prefix=config.passage_prefix,
-                           query_max_length=config.query_max_length,
-                           passage_max_length=config.passage_max_length)
-    resolved = texts.resolved
-    base_ref = base_reference(config.model, resolved)
-    ds_config = None
-    if config.strategy != "ddp":
-        import deepspeed
 
-        # DeepSpeed's comm layer adopts the process group Ray Train set up (gloo / nccl).
-        deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized()
-                                   else None)
-        ds_config = deepspeed_config(
-            stage=int(config.strategy[-1]), micro_batch=config.per_device_batch_size,
-            accumulation=config.gradient_accumulation_steps, world_size=world,
-            max_grad_norm=config.max_grad_norm, bf16=dtype == torch.bfloat16,
-            hidden_size=hidden_size(resolved),
-            persistence_threshold=config.zero3_persistence_threshold,
-            max_live_parameters=config.zero3_max_live_parameters)
+def _load_texts(worker: WorkerState) -> None:
+    from retriever.training.texts import text_tokenizer
+
+    config = worker.config
+    worker.texts = text_tokenizer(config.model, pooling=config.pooling,
+                                  query_prefix=config.query_prefix,
+                                  passage_prefix=config.passage_prefix,
+                                  query_max_length=config.query_max_length,
+                                  passage_max_length=config.passage_max_length)
+    worker.base_ref = base_reference(config.model, worker.resolved)
+
+
+def _configure_deepspeed(worker: WorkerState) -> None:
+    """For ZeRO-2/3: join DeepSpeed's comm layer and set ``worker.ds_config``; DDP: nothing."""
+    config = worker.config
+    if config.strategy == "ddp":
+        return
+    import deepspeed
+
+    from retriever.training.engines import deepspeed_config
+    from retriever.training.model import hidden_size
+
+    # DeepSpeed's comm layer adopts the process group Ray Train set up (gloo / nccl).
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized()
+                               else None)
+    worker.ds_config = deepspeed_config(
+        stage=int(config.strategy[-1]), micro_batch=config.per_device_batch_size,
+        accumulation=config.gradient_accumulation_steps, world_size=worker.world,
+        max_grad_norm=config.max_grad_norm, bf16=worker.dtype == torch.bfloat16,
+        hidden_size=hidden_size(worker.resolved),
+        persistence_threshold=config.zero3_persistence_threshold,
+        max_live_parameters=config.zero3_max_live_parameters)
+
+
+def _build_peft_model(worker: WorkerState) -> None:
+    """The backbone with a fresh LoRA adapter, or with the exported adapter it continues."""
+    from retriever.training.lora import apply_lora, lora_config
+    from retriever.training.model import build_backbone
+
+    config, resolved = worker.config, worker.resolved
     # DeepSpeed keeps fp32 master weights itself, so its model may be stored in bf16; DDP keeps
     # fp32 weights (the optimizer updates them) and computes under autocast.
-    weight_dtype = dtype if ds_config is not None else torch.float32
-    backbone = build_backbone(resolved, weight_dtype, ds_config, config.gradient_checkpointing)
+    weight_dtype = worker.dtype if worker.ds_config is not None else torch.float32
+    worker.backbone = build_backbone(resolved, weight_dtype, worker.ds_config,
+                                     config.gradient_checkpointing)
+    model = worker.backbone.model
     if resolved.adapter_path:  # continue training an exported adapter
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(backbone.model, resolved.adapter_path,
-                                               is_trainable=True)
+        worker.peft_model = PeftModel.from_pretrained(model, resolved.adapter_path,
+                                                      is_trainable=True)
     else:
-        peft_model = apply_lora(backbone.model,
-                                lora_config(backbone.model, config.lora_r, config.lora_alpha,
-                                            config.lora_dropout, config.lora_target_modules),
-                                config.seed)
+        worker.peft_model = apply_lora(model,
+                                       lora_config(model, config.lora_r, config.lora_alpha,
+                                                   config.lora_dropout,
+                                                   config.lora_target_modules),
+                                       config.seed)
 
-    # ------------------------------------------------------------------ resume
-    start_step, history, resumes, restored = 0, [], [], None
+
+def _resume_state(worker: WorkerState):
+    """Read Ray Train's latest checkpoint, if any: set the start step, history and resumes,
+    and return ``(weights, optimizer_tensors)`` for the engine (None without a checkpoint)."""
+    import ray.train
+
+    from retriever.training.checkpoint import read_state
+    from retriever.training.export import load_adapter_weights
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, optimizer_tensors = read_state(directory)
-            changed = config.differences(state.get("config", {}))
-            if changed:
-                raise ValueError(f"checkpoint {checkpoint.path} was written with other training "
-                                 f"settings {changed} (then, now); use a new --out or --run-id")
-            weights = load_adapter_weights(directory, peft_model)
-        start_step, history = int(state["step"]), list(state.get("history", []))
-        resumes = list(state.get("resumes", [])) + [
-            {"from_step": start_step, "world_size": world, "strategy": config.strategy,
-             "time": time.time()}]
-        restored = (weights, optimizer_tensors)
+    if checkpoint is None:
+        return None
+    config = worker.config
+    with checkpoint.as_directory() as directory:
+        state, optimizer_tensors = read_state(directory)
+        changed = config.differences(state.get("config", {}))
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint.path} was written with other training "
+                             f"settings {changed} (then, now); use a new --out or --run-id")
+        weights = load_adapter_weights(directory, worker.peft_model)
+    worker.start_step, worker.history = int(state["step"]), list(state.get("history", []))
+    worker.resumes = list(state.get("resumes", [])) + [
+        {"from_step": worker.start_step, "world_size": worker.world,
+         "strategy": config.strategy, "time": time.time()}]
+    return weights, optimizer_tensors
 
-    names = {p: n for n, p in peft_model.named_parameters() if p.requires_grad}
-    module = EmbeddingModel(peft_model, texts.pooling, texts.normalize)
+
+def _build_engine(worker: WorkerState, restored) -> dict:
+    """Optimizer, schedule and strategy engine, with the restored state loaded; returns the
+    trainable parameters by name."""
+    from retriever.training.engines import build_engine, lr_lambda
+    from retriever.training.model import EmbeddingModel
+
+    config, texts = worker.config, worker.texts
+    names = {p: n for n, p in worker.peft_model.named_parameters() if p.requires_grad}
+    worker.module = EmbeddingModel(worker.peft_model, texts.pooling, texts.normalize)
     optimizer = torch.optim.AdamW(list(names), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * worker.total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, warmup, config.schedule, offset=start_step))
-    engine = build_engine(config.strategy, module, names, optimizer, scheduler,
-                          ds_config=ds_config, accumulation=config.gradient_accumulation_steps,
-                          max_grad_norm=config.max_grad_norm, device=device,
-                          autocast_dtype=dtype if dtype != torch.float32 else None)
+        optimizer, lr_lambda(worker.total, warmup, config.schedule, offset=worker.start_step))
+    dtype = worker.dtype
+    worker.engine = build_engine(config.strategy, worker.module, names, optimizer, scheduler,
+                                 ds_config=worker.ds_config,
+                                 accumulation=config.gradient_accumulation_steps,
+                                 max_grad_norm=config.max_grad_norm, device=worker.device,
+                                 autocast_dtype=dtype if dtype != torch.float32 else None)
     if restored is not None:
         weights, optimizer_tensors = restored
-        engine.load_weights(weights)
+        worker.engine.load_weights(weights)
         if optimizer_tensors:
-            engine.load_optimizer_state(optimizer_tensors, start_step)
-    shards = _gather_ints(list(partition_report(module).values()))
-    partition = {"params_full": shards[0][0], "params_held": [s[1] for s in shards],
-                 "params_materialized": [s[2] for s in shards],
-                 "trainable": int(sum(int(getattr(p, "ds_numel", p.numel())) for p in names))}
-    workers = _workers()
-    if rank == 0:
+            worker.engine.load_optimizer_state(optimizer_tensors, worker.start_step)
+    return names
+
+
+def _describe_partition(worker: WorkerState, names: dict) -> None:
+    """Who holds which parameters, and which workers there are (collectives), logged once."""
+    from retriever.training.engines import partition_report
+
+    shards = _gather_ints(list(partition_report(worker.module).values()))
+    worker.partition = {
+        "params_full": shards[0][0], "params_held": [s[1] for s in shards],
+        "params_materialized": [s[2] for s in shards],
+        "trainable": int(sum(int(getattr(p, "ds_numel", p.numel())) for p in names))}
+    worker.workers = _workers()
+    if worker.rank == 0:
         log.info("training %s with %s on %d workers: %d steps (start %d), partition %s",
-                 resolved.name, config.strategy, world, total, start_step, partition)
+                 worker.resolved.name, worker.config.strategy, worker.world, worker.total,
+                 worker.start_step, worker.partition)
 
-    def state_payload(step: int) -> dict:
-        return {"step": step, "total_steps": total, "epoch": sampler.epoch_of(step),
-                "fingerprint": config.fingerprint(), "strategy": config.strategy,
-                "world_size": world, "workers": workers, "history": history,
-                "resumes": resumes,
-                "config": config.to_dict(), "train_data": train_data}
 
-    def save_checkpoint(step: int, metrics: dict) -> None:
-        weights = engine.full_weights()  # collectives: every rank takes part
-        optimizer_state = engine.full_optimizer_state()
-        directory = tempfile.mkdtemp(prefix="ckpt-") if rank == 0 else None
-        try:
-            if rank == 0:
-                write_adapter(directory, peft_model, weights, export_defaults(texts, config),
-                              base_ref)
-                write_state(directory, optimizer_state, state_payload(step))
-            ray.train.report(metrics, checkpoint=(ray.train.Checkpoint.from_directory(directory)
-                                                  if rank == 0 else None))
-        finally:
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+# ---------------------------------------------------------------------------- train
 
-    # ------------------------------------------------------------------ train
-    memory_peak = MemoryPeak(device).start()
-    module.train()
-    group = config.group_size
-    queries_per_step = config.per_device_batch_size * world * config.gradient_accumulation_steps
-    for step in range(start_step, total):
-        started = time.perf_counter()
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks survive a resume
-        lr = engine.lr()
-        loss_sum = torch.zeros((), dtype=torch.float32)
-        for micro in range(config.gradient_accumulation_steps):
-            batch = sampler.micro_batch(step, micro, rank)
-            q = texts.batch(batch.queries, "query", device)
-            p = texts.batch(batch.passages, "passage", device)
-            last = micro == config.gradient_accumulation_steps - 1
-            with engine.accumulate(last):
-                q_vectors, p_vectors = engine(q["input_ids"], q["attention_mask"],
-                                              p["input_ids"], p["attention_mask"])
-                loss = info_nce(q_vectors, p_vectors, config.temperature, group,
-                                gather=config.gather_negatives and world > 1,
-                                query_keys=query_keys(batch.query_ids, device))
-                engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float().cpu()
-        mean_loss = _mean_across(loss_sum / config.gradient_accumulation_steps)
-        memory = _gather([memory_peak.mb(), _lifetime_peak_rss_mb()], torch.float64)
-        elapsed = time.perf_counter() - started
-        metrics = {"step": step + 1, "total_steps": total, "epoch": sampler.epoch_of(step + 1),
-                   "loss": mean_loss, "lr": lr, "step_s": elapsed,
-                   "samples_per_s": queries_per_step / max(elapsed, 1e-9),
-                   "peak_memory_mb": [row[0] for row in memory],
-                   "peak_rss_lifetime_mb": [row[1] for row in memory],
-                   "strategy": config.strategy,
-                   "world_size": world, "resumed_from": resumes[-1]["from_step"] if resumes
-                   else None, "partition": partition, "workers": workers}
-        history.append({k: metrics[k] for k in ("step", "loss", "lr", "step_s",
-                                                "peak_memory_mb")})
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
-            save_checkpoint(step + 1, metrics)
+def _train(worker: WorkerState) -> None:
+    """Every remaining optimizer step, each reported to Ray Train, with a checkpoint every
+    ``checkpoint_every`` steps and at the end."""
+    import ray.train
+
+    memory_peak = MemoryPeak(worker.device).start()
+    worker.module.train()
+    for step in range(worker.start_step, worker.total):
+        metrics = _optimizer_step(worker, step, memory_peak)
+        worker.history.append({k: metrics[k] for k in ("step", "loss", "lr", "step_s",
+                                                       "peak_memory_mb")})
+        if (step + 1) % worker.config.checkpoint_every == 0 or step + 1 == worker.total:
+            _save_checkpoint(worker, step + 1, metrics)
         else:
             ray.train.report(metrics)
-
     memory_peak.stop()
 
-    # ------------------------------------------------------------------ export
+
+def _optimizer_step(worker: WorkerState, step: int, memory_peak: MemoryPeak) -> dict:
+    """All micro-steps of optimizer step ``step``; returns its metrics."""
+    config = worker.config
+    started = time.perf_counter()
+    torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks survive a resume
+    lr = worker.engine.lr()
+    loss_sum = torch.zeros((), dtype=torch.float32)
+    for micro in range(config.gradient_accumulation_steps):
+        loss_sum += _micro_step(worker, step, micro)
+    mean_loss = _mean_across(loss_sum / config.gradient_accumulation_steps)
+    memory = _gather([memory_peak.mb(), _lifetime_peak_rss_mb()], torch.float64)
+    elapsed = time.perf_counter() - started
+    return _step_metrics(worker, step, mean_loss, lr, elapsed, memory)
+
+
+def _micro_step(worker: WorkerState, step: int, micro: int) -> torch.Tensor:
+    """Embed, score and backpropagate this rank's micro-batch; returns its loss (CPU)."""
+    config, engine, device = worker.config, worker.engine, worker.device
+    batch = worker.sampler.micro_batch(step, micro, worker.rank)
+    q = worker.texts.batch(batch.queries, "query", device)
+    p = worker.texts.batch(batch.passages, "passage", device)
+    last = micro == config.gradient_accumulation_steps - 1
+    with engine.accumulate(last):
+        q_vectors, p_vectors = engine(q["input_ids"], q["attention_mask"],
+                                      p["input_ids"], p["attention_mask"])
+        loss = info_nce(q_vectors, p_vectors, config.temperature, config.group_size,
+                        gather=config.gather_negatives and worker.world > 1,
+                        query_keys=query_keys(batch.query_ids, device))
+        engine.backward(loss)
+    engine.step()
+    return loss.detach().float().cpu()
+
+
+def _step_metrics(worker: WorkerState, step: int, mean_loss: float, lr: float, elapsed: float,
+                  memory: list[list[float]]) -> dict:
+    """What Ray Train gets after optimizer step ``step`` (``memory``: per rank, the peak
+    since training began and the lifetime peak RSS)."""
+    config = worker.config
+    queries_per_step = (config.per_device_batch_size * worker.world
+                        * config.gradient_accumulation_steps)
+    return {"step": step + 1, "total_steps": worker.total,
+            "epoch": worker.sampler.epoch_of(step + 1),
+            "loss": mean_loss, "lr": lr, "step_s": elapsed,
+            "samples_per_s": queries_per_step / max(elapsed, 1e-9),
+            "peak_memory_mb": [row[0] for row in memory],
+            "peak_rss_lifetime_mb": [row[1] for row in memory],
+            "strategy": config.strategy,
+            "world_size": worker.world,
+            "resumed_from": worker.resumes[-1]["from_step"] if worker.resumes else None,
+            "partition": worker.partition, "workers": worker.workers}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _state_payload(worker: WorkerState, step: int) -> dict:
+    """The run's state after ``step`` steps, as checkpoints and the export record it."""
+    config = worker.config
+    return {"step": step, "total_steps": worker.total, "epoch": worker.sampler.epoch_of(step),
+            "fingerprint": config.fingerprint(), "strategy": config.strategy,
+            "world_size": worker.world, "workers": worker.workers, "history": worker.history,
+            "resumes": worker.resumes,
+            "config": config.to_dict(), "train_data": worker.train_data}
+
+
+def _save_checkpoint(worker: WorkerState, step: int, metrics: dict) -> None:
+    """Report ``metrics`` with a checkpoint (adapter + optimizer state) written by rank 0."""
+    import ray.train
+
+    from retriever.training.checkpoint import write_state
+    from retriever.training.export import write_adapter
+
+    weights = worker.engine.full_weights()  # collectives: every rank takes part
+    optimizer_state = worker.engine.full_optimizer_state()
+    rank0 = worker.rank == 0
+    directory = tempfile.mkdtemp(prefix="ckpt-") if rank0 else None
+    try:
+        if rank0:
+            write_adapter(directory, worker.peft_model, weights,
+                          export_defaults(worker.texts, worker.config), worker.base_ref)
+            write_state(directory, optimizer_state, _state_payload(worker, step))
+        ray.train.report(metrics, checkpoint=(ray.train.Checkpoint.from_directory(directory)
+                                              if rank0 else None))
+    finally:
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- export
+
+def _finish(worker: WorkerState) -> None:
+    """Export (rank 0 writes; gathering the weights is a collective), then wait for all."""
+    config = worker.config
     if config.export:
-        weights = engine.full_weights()
-        backbone.release()
-        if rank == 0:
-            export(out, peft_model, weights, texts, resolved, base_ref, config,
-                   state_payload(total), partition, merge=config.merge)
+        weights = worker.engine.full_weights()
+        worker.backbone.release()
+        if worker.rank == 0:
+            export(worker.out, worker.peft_model, weights, worker.texts, worker.resolved,
+                   worker.base_ref, config, _state_payload(worker, worker.total),
+                   worker.partition, merge=config.merge)
     if dist.is_initialized():
         dist.barrier()
 
