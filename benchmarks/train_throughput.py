@@ -59,7 +59,7 @@ def measure(strategy: str, args, train_data: str, root: Path) -> dict:
     from retriever.training.config import TrainConfig
     from retriever.training.run import train
 
-    config = TrainConfig(
+    config = TrainConfig.from_dict(dict(
         train_data=train_data, model=args.model, out=str(root / strategy), strategy=strategy,
         num_workers=args.workers, max_steps=args.steps,
         per_device_batch_size=args.per_device_batch_size, group_size=args.group_size,
@@ -67,7 +67,7 @@ def measure(strategy: str, args, train_data: str, root: Path) -> dict:
         gradient_checkpointing=args.gradient_checkpointing, lora_r=16, lora_alpha=32,
         checkpoint_every=args.steps, export=False, max_failures=0, schedule="constant",
         warmup_ratio=0.0, seed=0,
-        worker_env=dict(item.split("=", 1) for item in args.worker_env) or None)
+        worker_env=dict(item.split("=", 1) for item in args.worker_env) or None))
     result = train(config)
     if result.error:
         raise RuntimeError(f"{strategy}: {result.error}")

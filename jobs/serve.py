@@ -6,121 +6,26 @@ ShardSearcher x N) under the name ``search`` at ``/``; then waits until interrup
 ``--serve-config FILE`` takes the application's ``args`` and ``deployments`` (replicas,
 autoscaling, actor options) from a Serve config file such as ``serve/config.yaml``; flags win
 over its args. The same app deploys on a cluster with ``serve deploy serve/config.yaml`` or a
-KubeRay RayService. Set ``RETRIEVER_API_TOKEN`` to require a bearer token.
+KubeRay RayService. Set ``RETRIEVER_API_TOKEN`` to require a bearer token. The work is
+``serve/launch.py``.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-import threading
-from dataclasses import dataclass, field
 
 from retriever import config as cfg
-from retriever.errors import InputError
+from serve.launch import (APP_NAME, ServeConfig, app_args, serve_until_stopped,
+                          single_machine_layout, start)
 
-APP_NAME = "search"
-
-
-@dataclass
-class ServeConfig:
-    """Serve a sharded index over HTTP (Ray Serve)."""
-
-    index: str | None = field(default=None, metadata={"help": "index folder URL (required "
-                                                              "unless the --serve-config has it)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "HTTP host to bind"})
-    port: int = field(default=8000, metadata={"help": "HTTP port"})
-    docs: str | None = field(default=None, metadata={
-        "help": "dataset folder or corpus file: adds title and text to hits"})
-    model: str | None = field(default=None, metadata={
-        "help": "query encoder (default: the model the index's embeddings were made with)"})
-    timeout_s: float | None = field(default=None, metadata={
-        "help": "per-shard timeout in seconds; unset: the serve config's, else 2.0"})
-    max_top_k: int | None = field(default=None, metadata={
-        "help": "largest top_k accepted; unset: the serve config's, else 1000"})
-    shards_per_searcher: int | None = field(default=None, metadata={
-        "help": "shards one ShardSearcher deployment holds; unset: the serve config's, else "
-                "all of them on a new local Ray (one machine: one searcher answers fastest), "
-                "1 on a cluster"})
-    serve_config: str | None = field(default=None, metadata={
-        "help": "Serve config YAML: its first application's args and deployments"})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "join this Ray cluster; unset: $RAY_ADDRESS (set under `ray job submit`), "
-                "else a new local cluster"})
-    num_cpus: int | None = field(default=None, metadata={"help": "CPUs for a local Ray"})
-
-
-def app_args(config: ServeConfig) -> dict:
-    """build_app arguments: the Serve config file's, overridden by the flags given."""
-    args: dict = {}
-    if config.serve_config:
-        data = cfg.load_file(config.serve_config)
-        apps = data.get("applications") or []
-        if not apps:
-            raise InputError(f"{config.serve_config}: no applications")
-        args.update(apps[0].get("args") or {})
-        # Serve's own per-deployment list comes after (and so wins over) args.deployments.
-        args["deployments"] = [*args.get("deployments", []), *apps[0].get("deployments", [])]
-    for name in ("index", "docs", "model", "timeout_s", "max_top_k", "shards_per_searcher"):
-        value = getattr(config, name)
-        if value is not None:
-            args[name] = value
-    if not args.get("index"):
-        raise InputError("--index is required (or an 'index' arg in --serve-config)")
-    return args
-
-
-def single_machine_layout(args: dict) -> dict:
-    """On one machine, unless told otherwise, one ShardSearcher holds every shard: a Serve
-    call per searcher costs more than FAISS on one shard, and the cores are shared anyway
-    (``benchmarks/search_latency.py``: 4 shards in 4 searchers vs 1 on 2 cores)."""
-    from retriever.index import shards as sh
-
-    if args.get("shards_per_searcher") is not None:
-        return args
-    return {**args, "shards_per_searcher": len(sh.read_manifest(args["index"])["shards"])}
-
-
-def start(config: ServeConfig) -> str:
-    """Deploy the app (non-blocking); returns its base URL."""
-    import ray
-    from ray import serve
-
-    from serve.app import LOW_LATENCY_ENV, build_app
-
-    args = app_args(config)
-    address = None if ray.is_initialized() else (
-        config.ray_address or os.environ.get("RAY_ADDRESS") or "local")
-    if address == "local":
-        args = single_machine_layout(args)
-    app = build_app(args)  # reads the manifest: bad input fails before Ray starts
-    if address is not None:
-        if address == "local":  # a new local cluster: its proxy gets the latency switches too
-            for name, value in LOW_LATENCY_ENV.items():
-                os.environ.setdefault(name, value)
-        ray.init(address=address, num_cpus=config.num_cpus if address == "local" else None,
-                 log_to_driver=False)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{config.host}:{config.port}"
+__all__ = ["APP_NAME", "ServeConfig", "app_args", "main", "single_machine_layout", "start"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = cfg.parse(ServeConfig, argv, prog="retriever serve")
-    url = start(config)
+    url = start(cfg.parse(ServeConfig, argv, prog="retriever serve"))
     print(f"serving {APP_NAME} at {url}/ (POST /search, GET /info, GET /healthz); Ctrl-C stops",
           flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
+    serve_until_stopped()
     return 0
 
 

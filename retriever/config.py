@@ -25,13 +25,15 @@ T = TypeVar("T")
 FLAT = "flat_options"  # field metadata key: a nested config whose options are top level
 
 
-def flat(config_class: type, *, only: tuple[str, ...] | None = None, **defaults) -> Any:
+def flat(config_class: type, *, only: tuple[str, ...] = (), prefix: str = "",
+         **defaults) -> Any:
     """A field holding ``config_class(**defaults)``, its options flattened into the job's.
 
-    ``only`` keeps some of its options (the others stay at their defaults); ``defaults`` are
-    this job's own defaults for some of them (e.g. a smaller batch size)."""
+    ``only`` keeps some of its options (the others stay at their defaults); ``prefix`` names
+    them ``<prefix><name>`` (``dense_model``); ``defaults`` are this job's own defaults for
+    some of them (e.g. a smaller batch size)."""
     return dataclasses.field(default_factory=lambda: config_class(**defaults),
-                             metadata={FLAT: only or ()})
+                             metadata={FLAT: (tuple(only), prefix)})
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,13 @@ def options(cls: type) -> list[Option]:
             found.append(Option(f.name, (f.name,), hints[f.name], _default(f), f.metadata))
             continue
         inner = f.default_factory()
-        only = f.metadata[FLAT]
+        only, prefix = f.metadata[FLAT]
         for option in options(type(inner)):
             if only and option.name not in only:
                 continue
-            default = _get(inner, option.path)
-            found.append(dataclasses.replace(option, path=(f.name, *option.path),
-                                             default=default))
+            found.append(dataclasses.replace(option, name=prefix + option.name,
+                                             path=(f.name, *option.path),
+                                             default=_get(inner, option.path)))
     names = [o.name for o in found]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -108,8 +110,9 @@ def _build(cls: type[T], values: dict[str, Any], base: Any = None) -> T:
     for f in dataclasses.fields(cls):
         if _is_flat(f):
             inner = getattr(base, f.name) if base is not None else f.default_factory()
-            only = f.metadata[FLAT]
-            given = {k: v for k, v in values.items() if not only or k in only}
+            only, prefix = f.metadata[FLAT]
+            given = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+            given = {k: v for k, v in given.items() if not only or k in only}
             kwargs[f.name] = _build(type(inner), given, inner)
         elif f.name in values:
             kwargs[f.name] = values[f.name]
@@ -150,7 +153,7 @@ def _config_action():
     return StoreConfigFile
 
 
-def _argument(option: Option) -> dict[str, Any]:
+def _argument(option: Option, enforce_required: bool) -> dict[str, Any]:
     """add_argument keywords for one option."""
     annotation = option.annotation
     meta = option.metadata
@@ -170,7 +173,7 @@ def _argument(option: Option) -> dict[str, Any]:
     if annotation is not None:
         kwargs["type"] = annotation
     if required:  # jsonargparse adds "(required, type: ..., default: ...)" to the help
-        kwargs["required"] = True
+        kwargs["required"] = enforce_required
     else:
         kwargs["default"] = option.default
     return kwargs
@@ -187,16 +190,20 @@ def _strip_optional(annotation: Any) -> Any:
     return annotation
 
 
-def build_parser(cls: type, prog: str, description: str = ""):
-    """A jsonargparse parser for ``cls``: ``--config`` and one flag per option."""
+def build_parser(cls: type, prog: str, description: str = "", *, read_config: bool = False):
+    """A jsonargparse parser for ``cls``: ``--config`` and one flag per option.
+
+    With ``read_config`` (as :func:`parse` builds it) the ``--config`` file is read while
+    parsing and required options must be given; without, ``--config`` is only a URL and the
+    flags are checked alone (a command line can be checked without reading its file)."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=description or (cls.__doc__ or ""),
                             default_env=False)
-    parser.add_argument("--config", action=_config_action(),
+    parser.add_argument("--config", action=_config_action() if read_config else None,
                         help="YAML or JSON file (path or URL) with these options; flags win")
     for option in options(cls):
-        parser.add_argument(option.flag, **_argument(option))
+        parser.add_argument(option.flag, **_argument(option, enforce_required=read_config))
     return parser
 
 
@@ -212,7 +219,7 @@ def _config_first(argv: list[str]) -> list[str]:
 
 def parse(cls: type[T], argv: list[str] | None, prog: str) -> T:
     """The config given by ``argv`` (default ``sys.argv[1:]``); exits 2 on a usage error."""
-    parser = build_parser(cls, prog)
+    parser = build_parser(cls, prog, read_config=True)
     namespace = parser.parse_args(_config_first(list(sys.argv[1:] if argv is None else argv)))
     values = {o.name: namespace[o.name] for o in options(cls)}
     try:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from retriever import config as cfg
 from retriever.io.formats import load_dataset, load_training_examples
 from retriever.training.mining import BM25Scorer, MiningConfig, mine
 from retriever.io.splits import assign, split_queries
@@ -59,8 +60,9 @@ def test_split_folder_loads_as_beir(split_folder):
 
 def test_bm25_mining_excludes_positives_filters_and_windows(split_folder):
     train = load_dataset(str(split_folder), "train")
-    config = MiningConfig(bm25_depth=80, dense_model=None, num_negatives=10, window_start=5,
-                          window_end=40, false_negative_margin=0.9, seed=0)
+    config = cfg.build(MiningConfig, dict(bm25_depth=80, dense_model=None, num_negatives=10,
+                                          window_start=5, window_end=40,
+                                          false_negative_margin=0.9, seed=0))
     examples, report = mine(train, config)
     assert len(examples) == 150 and report["stats"]["filtered_bm25"] > 0
     scorer = BM25Scorer(train.corpus.passages())
@@ -98,7 +100,7 @@ def test_dense_and_bm25_mining_job_writes_training_examples(split_folder, tmp_pa
     out = tmp_path / "mined"
     assert mine_job.main(["--dataset", str(split_folder), "--split", "train",
                           "--dense-model", model, "--bm25-depth", "50", "--dense-depth", "50",
-                          "--num-negatives", "8", "--dtype", "float32",
+                          "--num-negatives", "8", "--dense-dtype", "float32",
                           "--false-negative-margin", "0", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["count"] == 150 and manifest["examples"] == "examples.parquet"
@@ -133,8 +135,9 @@ def test_mining_rejects_a_split_without_positives(tmp_path):
     (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "wing"}\n')
     (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t0\n")
     with pytest.raises(InputError, match="no query has a positive"):
-        mine_job.run(mine_job.MineConfig(dataset=str(folder), dense_model="none",
-                                         out=str(tmp_path / "out")))
+        mine_job.run(cfg.build(mine_job.MineConfig, dict(dataset=str(folder),
+                                                         dense_model="none",
+                                                         out=str(tmp_path / "out"))))
     assert not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(ValueError, match="window"):
         MiningConfig(window_start=10, window_end=10)

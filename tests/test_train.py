@@ -51,7 +51,7 @@ def mechanics_config(assets, strategy: str, out: str, **overrides) -> TrainConfi
                     schedule="constant", warmup_ratio=0.0, temperature=0.05, checkpoint_every=5,
                     zero3_persistence_threshold=0, max_failures=0, seed=0)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return TrainConfig.from_dict(settings)
 
 
 @pytest.fixture(scope="module")

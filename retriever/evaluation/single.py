@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from retriever import config
+from retriever.config import flat
 from retriever.evaluation.metrics import METRICS
 from retriever.io import store
 from retriever.io.formats import Dataset, load_dataset
@@ -31,7 +31,7 @@ class EvalConfig:
     top_k: int = field(default=1000, metadata={"help": "hits kept per query"})
     ignore_identical_ids: bool = field(default=False,
                                        metadata={"help": "drop hits whose doc id = query id"})
-    encoder: EncoderConfig = config.flat(EncoderConfig)  # its model may be "bm25"
+    encoder: EncoderConfig = flat(EncoderConfig)  # its model may be "bm25"
 
     @property
     def model(self) -> str:

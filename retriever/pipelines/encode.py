@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from retriever import config, provenance
+from retriever import provenance
+from retriever.config import flat
 from retriever.io import embeddings, store
 from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
 from retriever.modeling.encoder import Encoder, EncoderConfig, token_budget_batches
@@ -68,7 +69,7 @@ def record_name(index: int) -> str:
 class EncodeOptions:
     """What the pipeline needs besides the corpus and the output folder."""
 
-    encoder: EncoderConfig = config.flat(EncoderConfig)
+    encoder: EncoderConfig = flat(EncoderConfig)
     embedding_dtype: str = field(default="float16", metadata={
         "help": "stored vector type", "choices": list(embeddings.DTYPES)})
     docs_per_shard: int = field(default=1000, metadata={"help": "input rows per shard"})

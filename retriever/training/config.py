@@ -8,14 +8,18 @@ step consumes ``per_device_batch_size x num_workers x gradient_accumulation_step
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 
+from retriever.config import build, flat, to_dict
+from retriever.modeling.encoder import EncoderConfig
+
 STRATEGIES = ("zero3", "zero2", "ddp")
 SCHEDULES = ("linear", "cosine", "constant")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TRAINED_ENCODER_OPTIONS = ("model", "pooling", "query_prefix", "passage_prefix",
+                           "query_max_length", "passage_max_length")
 
 
 @dataclass
@@ -24,8 +28,9 @@ class TrainConfig:
 
     train_data: str = field(metadata={
         "help": "training examples: a JSONL/parquet file or a `retriever mine` output folder"})
-    model: str = field(default="minilm", metadata={
-        "help": "packaged model name, HF model directory or LoRA adapter directory"})
+    # How text is embedded: the model and its pooling, prefixes and max lengths (the Encoder's
+    # own options; precision and batching are the trainer's, below).
+    encoder: EncoderConfig = flat(EncoderConfig, only=TRAINED_ENCODER_OPTIONS)
     out: str | None = field(default=None, metadata={
         "help": "run folder URL (default <store>/runs/<run-id>/train); checkpoints, adapter, "
                 "merged model and metrics go here; an existing run is resumed"})
@@ -76,12 +81,6 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = field(default=None, metadata={
         "help": "default: all projections (decoders), query/key/value/dense (BERT-style)"})
-    # ---------------------------------------------------------------- how text is embedded
-    pooling: str | None = field(default=None, metadata={"help": "mean | cls | last"})
-    query_prefix: str | None = None
-    passage_prefix: str | None = None
-    query_max_length: int | None = None
-    passage_max_length: int | None = None
     export_passage_max_length: int | None = field(default=None, metadata={
         "help": "passage max length written into the exported model's settings, i.e. used when "
                 "it encodes (default: the training length); training on shorter passages than "
@@ -130,8 +129,17 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
             raise ValueError(f"dtype {self.dtype!r}: expected auto, float32 or bfloat16")
 
+    @property
+    def model(self) -> str:
+        return self.encoder.model
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The flat settings (as in a ``--config`` file); they travel to the workers."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> "TrainConfig":
+        return build(cls, settings)
 
     # Settings a run may change when it is resumed: where it is written, how often it
     # checkpoints, how many times it may fail, where it runs, and its length (a finished run

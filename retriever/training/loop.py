@@ -207,7 +207,7 @@ def _start_worker(payload: dict) -> WorkerState:
     from retriever.io.formats import load_training_examples
     from retriever.training.batches import GroupSampler
 
-    config = TrainConfig(**payload["config"])
+    config = TrainConfig.from_dict(payload["config"])
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     worker = WorkerState(config=config, out=payload["out"], train_data=payload["train_data"],
@@ -230,11 +230,12 @@ def _load_texts(worker: WorkerState) -> None:
     from retriever.training.texts import text_tokenizer
 
     config = worker.config
-    worker.texts = text_tokenizer(config.model, pooling=config.pooling,
-                                  query_prefix=config.query_prefix,
-                                  passage_prefix=config.passage_prefix,
-                                  query_max_length=config.query_max_length,
-                                  passage_max_length=config.passage_max_length)
+    encoder = config.encoder
+    worker.texts = text_tokenizer(encoder.model, pooling=encoder.pooling,
+                                  query_prefix=encoder.query_prefix,
+                                  passage_prefix=encoder.passage_prefix,
+                                  query_max_length=encoder.query_max_length,
+                                  passage_max_length=encoder.passage_max_length)
     worker.base_ref = base_reference(config.model, worker.resolved)
 
 

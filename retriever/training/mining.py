@@ -28,16 +28,22 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from retriever.config import flat, to_dict
 from retriever.index.bm25 import BM25Config
 from retriever.io.formats import Dataset, TrainingExample
 from retriever.index.ranking import Hit, order
+from retriever.modeling.encoder import EncoderConfig
 
 
 @dataclass
 class MiningConfig:
+    """How candidates are found, filtered, fused and sampled. The dense model's options are the
+    Encoder's own, named ``dense_*``: ``dense_model`` ('none': no dense candidates),
+    ``dense_batch_size``, ``dense_dtype``."""
+
     bm25_depth: int = field(default=100, metadata={"help": "BM25 candidates per query (0: off)"})
-    dense_model: str | None = field(default="minilm", metadata={
-        "help": "dense model for candidates (packaged name or path; 'none': off)"})
+    dense: EncoderConfig = flat(EncoderConfig, prefix="dense_",
+                                only=("model", "batch_size", "dtype"))
     dense_depth: int = field(default=100, metadata={"help": "dense candidates per query"})
     num_negatives: int = field(default=16, metadata={"help": "negatives kept per query"})
     window_start: int = field(default=0, metadata={
@@ -49,12 +55,16 @@ class MiningConfig:
     min_relevance: int = field(default=1, metadata={"help": "lowest grade that is a positive"})
     rrf_k: int = field(default=60, metadata={"help": "reciprocal rank fusion constant"})
     seed: int = 0
-    batch_size: int = field(default=64, metadata={"help": "dense encoding batch size"})
-    dtype: str = field(default="auto", metadata={"help": "dense encoding dtype (auto | float32)"})
+
+    @property
+    def dense_model(self) -> str | None:
+        """The dense model, or None when dense candidates are off."""
+        return None if self.dense.model in (None, "", "none", "None") else self.dense.model
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
 
     def __post_init__(self):
-        if self.dense_model in ("", "none", "None"):
-            self.dense_model = None
         if self.bm25_depth < 0 or self.dense_depth < 0:
             raise ValueError("bm25_depth and dense_depth must be >= 0")
         if not self.bm25_depth and not (self.dense_model and self.dense_depth):
@@ -139,10 +149,9 @@ def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
     dense_settings = None
     if config.dense_model and config.dense_depth:
         if encoder is None:
-            from retriever.modeling.encoder import Encoder, EncoderConfig
+            from retriever.modeling.encoder import Encoder
 
-            encoder = Encoder(EncoderConfig(model=config.dense_model, dtype=config.dtype,
-                                            batch_size=config.batch_size))
+            encoder = Encoder(config.dense)
         dense_d = encoder.encode_passages(passages)
         dense_q = encoder.encode_queries(texts)
         dense_settings = encoder.settings()
@@ -198,5 +207,5 @@ def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
             query=queries[qid], query_id=qid,
             positives=[passages[row_of[d]] for d in positives], positive_ids=positives,
             negatives=[passages[row_of[d]] for d in negatives], negative_ids=negatives))
-    settings = {**asdict(config), "bm25": asdict(BM25Config()), "dense": dense_settings}
+    settings = {**config.to_dict(), "bm25": asdict(BM25Config()), "dense": dense_settings}
     return examples, {"stats": stats, "settings": settings}
