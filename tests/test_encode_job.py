@@ -57,8 +57,9 @@ def ray_local():
 
 def _encode(corpus, out, **overrides):
     from jobs.encode import EncodeConfig, run
+    from retriever import config as cfg
 
-    return run(EncodeConfig(corpus=str(corpus), out=str(out), **overrides))
+    return run(cfg.build(EncodeConfig, {"corpus": str(corpus), "out": str(out), **overrides}))
 
 
 def _scifact():
