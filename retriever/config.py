@@ -138,7 +138,11 @@ def load_file(path: str) -> dict:
 
 
 def _config_action():
+    from argparse import ArgumentError
+
     from jsonargparse import ActionConfigFile
+
+    from retriever.errors import InputError
 
     class StoreConfigFile(ActionConfigFile):
         """``--config``: a local file as jsonargparse reads it, a URL through the store."""
@@ -146,8 +150,11 @@ def _config_action():
         def __call__(self, parser, cfg, values, option_string=None):
             from retriever.io import store
 
-            if store.has_scheme(values) and not store.is_local(values):
-                values = store.read_text(values)  # parsed as YAML (JSON is YAML)
+            if store.has_scheme(values):  # s3://, memory://, file://, ...
+                try:
+                    values = store.read_text(values)  # parsed as YAML (JSON is YAML)
+                except (OSError, InputError) as err:
+                    raise ArgumentError(self, f"cannot read {values}: {err}") from None
             self.apply_config(parser, cfg, self.dest, values)
 
     return StoreConfigFile
