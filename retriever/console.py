@@ -88,6 +88,7 @@ class Progress:
         self.done_count, self.started, self.last_shown = 0, time.time(), None
         self.unshown: str | None = None  # the latest text not printed yet
         self.first: int | None = None  # the count at the first update: the rate counts from it
+        self.first_time = self.started
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
@@ -100,7 +101,7 @@ class Progress:
         before = self.done_count
         self.done_count = done if done is not None else before + advance
         if self.first is None:
-            self.first, self.started = self.done_count, time.time()
+            self.first, self.first_time = self.done_count, time.time()
         if self.bar is not None:
             self.bar.update(self.done_count - before)
             if text:
@@ -121,7 +122,7 @@ class Progress:
 
     def seconds_left(self) -> float | None:
         """From the rate since the first update; None while unknown."""
-        elapsed, counted = time.time() - self.started, self.done_count - (self.first or 0)
+        elapsed, counted = time.time() - self.first_time, self.done_count - (self.first or 0)
         if not self.total or counted <= 0 or elapsed < 1:
             return None
         return elapsed / counted * max(0, self.total - self.done_count)

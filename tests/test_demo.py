@@ -13,7 +13,7 @@ from tests.helpers import REPO, dataset
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3000)  # a loaded 2-core machine runs it 2-3x slower
 def test_demo_runs_every_stage_and_prints_the_table_and_a_served_answer(tmp_path):
     store_root = tmp_path / "store"
     env = dict(os.environ, RETRIEVER_STORE=str(store_root))
@@ -22,12 +22,17 @@ def test_demo_runs_every_stage_and_prints_the_table_and_a_served_answer(tmp_path
     command = [sys.executable, "-m", "jobs.demo", "--dataset", dataset("cranfield"),
                "--epochs", "0.25", "--serve", "check", "--port", str(port)]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=1100)
+                          timeout=2400)
     out = proc.stdout
+    (tmp_path / "demo.log").write_text(out + proc.stderr)  # kept by pytest, for a look after
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("[1/5] split", "[2/5] mine", "[3/5] fine-tune", "[4/5] evaluate",
                   "[5/5] serve"):
         assert stage in out, stage
+        assert re.search(rf"^{re.escape(stage)} done in (\d+m)?\d+s", out, re.M), stage
+    # not a terminal: a quiet run -- no Ray / Ray Data log blocks, progress every few seconds
+    printed = out.splitlines() + proc.stderr.splitlines()
+    assert len(printed) <= 80, f"{len(printed)} lines:\n" + "\n".join(printed)
     assert "{'test': 75, 'train': 150} queries" in out
     assert re.search(r"step \d+/\d+  loss \d", out), "no training progress"
     table = re.search(r"\| cranfield-heldout \|(.+)\|", out)

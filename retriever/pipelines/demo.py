@@ -186,6 +186,7 @@ def serve_stage(config: DemoConfig, serving: Serving, index: str, split_out: str
 
     from retriever.io.formats import load_dataset
 
+    console.quiet()  # importing Ray Serve set its console logger back to INFO
     stage = console.Stage(5, STAGES, "serve", "the fine-tuned index (Ray Serve: query "
                                               "encoder, shard searchers, router)")
     example = min(load_dataset(split_out, "test").judged_queries().values(), key=len)
