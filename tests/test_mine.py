@@ -9,7 +9,8 @@ import pytest
 
 from retriever import config as cfg
 from retriever.io.formats import load_dataset, load_training_examples
-from retriever.training.mining import BM25Scorer, MiningConfig, mine
+from retriever.index.bm25 import BM25Index
+from retriever.training.mining import MiningConfig, mine
 from retriever.io.splits import assign, split_queries
 from tests.helpers import dataset
 from tests.train_fixtures import tiny_bert
@@ -65,9 +66,9 @@ def test_bm25_mining_excludes_positives_filters_and_windows(split_folder):
                                           false_negative_margin=0.9, seed=0))
     examples, report = mine(train, config)
     assert len(examples) == 150 and report["stats"]["filtered_bm25"] > 0
-    scorer = BM25Scorer(train.corpus.passages())
+    scorer = BM25Index(train.corpus.passages(), train.corpus.ids)
     row = {d: i for i, d in enumerate(train.corpus.ids)}
-    scores = scorer.scores([ex.query for ex in examples])
+    scores = scorer.score_all([ex.query for ex in examples])
     checked = 0
     for ex, s in zip(examples, scores):
         positives = {d for d, g in train.qrels[ex.query_id].items() if g >= 1}

@@ -1,6 +1,11 @@
 """BM25 with bm25s: Lucene's scoring (k1=0.9, b=0.4 as Anserini's BEIR baselines), English
-stopwords and the Snowball (Porter2) stemmer. Only documents sharing a term with the query are
-returned, as Lucene does; ties are ordered as trec_eval orders them."""
+stopwords and the Snowball (Porter2) stemmer.
+
+:class:`BM25Index` is the one BM25 set-up: passages and their ids in, then either ``search``
+(top-k in trec_eval order; only documents sharing a term with the query are returned, as
+Lucene does) or ``score_all`` (every document's score, which hard-negative mining needs to
+know the positives' scores exactly).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Sequence
 import bm25s
 import numpy as np
 
-from retriever.index.ranking import Hit, order
+from retriever.index.ranking import TIE_MARGIN, Hit, order
 
 
 @dataclass
@@ -37,13 +42,21 @@ class BM25Index:
                                 stemmer=self._stemmer, show_progress=False)
         self._bm25.index(tokens, show_progress=False)
 
+    def _query_tokens(self, queries: Sequence[str]) -> list[list[str]]:
+        return bm25s.tokenize(list(queries), stopwords=self.config.stopwords,
+                              stemmer=self._stemmer, return_ids=False, show_progress=False)
+
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        tokens = bm25s.tokenize(list(queries), stopwords=self.config.stopwords,
-                                stemmer=self._stemmer, return_ids=False, show_progress=False)
-        fetch = min(len(self.ids), k + 16)  # a margin so ties at the cut-off break by doc id
-        rows, scores = self._bm25.retrieve(tokens, k=fetch, show_progress=False)
+        fetch = min(len(self.ids), k + TIE_MARGIN)
+        rows, scores = self._bm25.retrieve(self._query_tokens(queries), k=fetch,
+                                           show_progress=False)
         out = []
         for row, score in zip(np.atleast_2d(rows), np.atleast_2d(scores)):
             hits = [(self.ids[int(r)], float(s)) for r, s in zip(row, score) if s > 0]
             out.append(order(hits, k))
         return out
+
+    def score_all(self, queries: Sequence[str]) -> list[np.ndarray]:
+        """Each query's score for every document, in row order (zeros: no term in common)."""
+        return [np.asarray(self._bm25.get_scores(t), dtype=np.float32) if t else
+                np.zeros(len(self.ids), dtype=np.float32) for t in self._query_tokens(queries)]

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from retriever.config import flat, to_dict
-from retriever.index.bm25 import BM25Config
+from retriever.index.bm25 import BM25Config, BM25Index
 from retriever.io.formats import Dataset, TrainingExample
-from retriever.index.ranking import Hit, order
+from retriever.index.ranking import TIE_MARGIN, Hit, order
 from retriever.modeling.encoder import EncoderConfig
 
 
@@ -81,33 +81,9 @@ class MiningConfig:
 
 # ---------------------------------------------------------------------------- sources
 
-class BM25Scorer:
-    """Scores of every document for a query (so positives' scores are known exactly)."""
-
-    def __init__(self, passages: list[str], config: BM25Config | None = None):
-        import bm25s
-        import Stemmer
-
-        self.config = config or BM25Config()
-        self._stemmer = Stemmer.Stemmer(self.config.stemmer) if self.config.stemmer else None
-        self._bm25 = bm25s.BM25(k1=self.config.k1, b=self.config.b, method=self.config.method)
-        tokens = bm25s.tokenize(passages, stopwords=self.config.stopwords,
-                                stemmer=self._stemmer, show_progress=False)
-        self._bm25.index(tokens, show_progress=False)
-        self.num_docs = len(passages)
-
-    def scores(self, queries: list[str]) -> list[np.ndarray]:
-        import bm25s
-
-        tokens = bm25s.tokenize(queries, stopwords=self.config.stopwords, stemmer=self._stemmer,
-                                return_ids=False, show_progress=False)
-        return [np.asarray(self._bm25.get_scores(t), dtype=np.float32) if t else
-                np.zeros(self.num_docs, dtype=np.float32) for t in tokens]
-
-
 def _top(scores: np.ndarray, ids: list[str], depth: int, exclude: set[int]) -> list[Hit]:
     """Top ``depth`` (score > 0 for BM25 is applied by the caller) without excluded rows."""
-    fetch = min(len(ids), depth + len(exclude) + 16)
+    fetch = min(len(ids), depth + len(exclude) + TIE_MARGIN)
     rows = np.argpartition(-scores, fetch - 1)[:fetch] if fetch < len(ids) else \
         np.arange(len(ids))
     hits = [(ids[int(r)], float(scores[int(r)])) for r in rows if int(r) not in exclude]
@@ -129,6 +105,86 @@ def _query_rng(seed: int, qid: str) -> np.random.Generator:
 
 # ---------------------------------------------------------------------------- mining
 
+Candidates = list[tuple[str, np.ndarray, list[Hit]]]  # (source, every doc's score, top hits)
+
+
+@dataclass
+class _Sources:
+    """Every document's score for each query, from each candidate source that is on."""
+
+    bm25: list[np.ndarray] | None = None
+    dense_docs: np.ndarray | None = None
+    dense_queries: np.ndarray | None = None
+    dense_settings: dict | None = None
+
+    def for_query(self, n: int, config: MiningConfig) -> list[tuple[str, np.ndarray, int]]:
+        """(source, scores of every document, depth) for query ``n``."""
+        sources = []
+        if self.bm25 is not None:
+            sources.append(("bm25", self.bm25[n], config.bm25_depth))
+        if self.dense_queries is not None:
+            sources.append(("dense", self.dense_docs @ self.dense_queries[n], config.dense_depth))
+        return sources
+
+
+def _score_sources(passages: list[str], ids: list[str], texts: list[str], config: MiningConfig,
+                   encoder=None) -> _Sources:
+    sources = _Sources()
+    if config.bm25_depth:
+        sources.bm25 = BM25Index(passages, ids).score_all(texts)
+    if config.dense_model and config.dense_depth:
+        if encoder is None:
+            from retriever.modeling.encoder import Encoder
+
+            encoder = Encoder(config.dense)
+        sources.dense_docs = encoder.encode_passages(passages)
+        sources.dense_queries = encoder.encode_queries(texts)
+        sources.dense_settings = encoder.settings()
+    return sources
+
+
+def _candidates(sources: list[tuple[str, np.ndarray, int]], ids: list[str], exclude: set[int],
+                stats: dict) -> Candidates:
+    tops = []
+    for name, scores, depth in sources:
+        hits = _top(scores, ids, depth, exclude)
+        if name == "bm25":
+            hits = [h for h in hits if h[1] > 0]  # no shared term: not a BM25 candidate
+        stats[f"candidates_{name}"] += len(hits)
+        tops.append((name, scores, hits))
+    return tops
+
+
+def _likely_false_negatives(tops: Candidates, positive_rows: set[int], row_of: dict[str, int],
+                            margin: float | None) -> set[str]:
+    """Candidates that any source scores above ``margin`` x its best positive's score."""
+    flagged: set[str] = set()
+    if margin is None:
+        return flagged
+    union = {doc_id for _, _, hits in tops for doc_id, _ in hits}
+    for _, scores, _ in tops:
+        best = max(float(scores[r]) for r in positive_rows)
+        if best > 0:
+            flagged.update(d for d in union if float(scores[row_of[d]]) > margin * best)
+    return flagged
+
+
+def _negatives(tops: Candidates, flagged: set[str], config: MiningConfig, qid: str,
+               stats: dict) -> list[str]:
+    """The unflagged candidates fused, cut to the window, and sampled (seeded per query)."""
+    lists = []
+    for name, _, hits in tops:
+        kept = [h for h in hits if h[0] not in flagged]
+        stats[f"filtered_{name}"] += len(hits) - len(kept)
+        lists.append(kept)
+    fused = _rrf(lists, config.rrf_k)[config.window_start:config.window_end]
+    if len(fused) <= config.num_negatives:
+        return fused
+    picks = sorted(_query_rng(config.seed, qid).choice(
+        len(fused), size=config.num_negatives, replace=False).tolist())
+    return [fused[i] for i in picks]
+
+
 def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
         list[TrainingExample], dict]:
     """Training examples with mined negatives for ``dataset``'s judged queries.
@@ -142,20 +198,7 @@ def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
     queries = dataset.judged_queries()
     qids = [q for q in queries
             if any(g >= config.min_relevance for g in dataset.qrels[q].values())]
-    texts = [queries[q] for q in qids]
-
-    bm25 = BM25Scorer(passages).scores(texts) if config.bm25_depth else None
-    dense_q = dense_d = None
-    dense_settings = None
-    if config.dense_model and config.dense_depth:
-        if encoder is None:
-            from retriever.modeling.encoder import Encoder
-
-            encoder = Encoder(config.dense)
-        dense_d = encoder.encode_passages(passages)
-        dense_q = encoder.encode_queries(texts)
-        dense_settings = encoder.settings()
-
+    sources = _score_sources(passages, corpus.ids, [queries[q] for q in qids], config, encoder)
     examples: list[TrainingExample] = []
     stats = {"queries": len(queries), "trained_queries": 0,
              "skipped_no_positive": len(queries) - len(qids), "candidates_bm25": 0,
@@ -165,41 +208,10 @@ def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
         judged = dataset.qrels[qid]
         positives = [d for d, g in judged.items() if g >= config.min_relevance and d in row_of]
         exclude = {row_of[d] for d in positives}
-        sources = []  # (name, scores of every document, depth)
-        if bm25 is not None:
-            sources.append(("bm25", bm25[n], config.bm25_depth))
-        if dense_q is not None:
-            sources.append(("dense", dense_d @ dense_q[n], config.dense_depth))
-        tops = []
-        for name, scores, depth in sources:
-            hits = _top(scores, corpus.ids, depth, exclude)
-            if name == "bm25":
-                hits = [h for h in hits if h[1] > 0]  # no shared term: not a BM25 candidate
-            stats[f"candidates_{name}"] += len(hits)
-            tops.append((name, scores, hits))
-        # A candidate is a likely false negative if any source scores it above the margin.
-        union = {doc_id for _, _, hits in tops for doc_id, _ in hits}
-        flagged: set[str] = set()
-        if config.false_negative_margin is not None:
-            for _, scores, _ in tops:
-                best = max(float(scores[row_of[d]]) for d in positives)
-                if best > 0:
-                    limit = config.false_negative_margin * best
-                    flagged.update(d for d in union if float(scores[row_of[d]]) > limit)
-        lists = []
-        for name, _, hits in tops:
-            kept = [h for h in hits if h[0] not in flagged]
-            stats[f"filtered_{name}"] += len(hits) - len(kept)
-            lists.append(kept)
-        fused = _rrf(lists, config.rrf_k)[config.window_start:config.window_end]
-        if len(fused) > config.num_negatives:
-            picks = sorted(_query_rng(config.seed, qid).choice(
-                len(fused), size=config.num_negatives, replace=False).tolist())
-            negatives = [fused[i] for i in picks]
-        else:
-            negatives = fused
-        if len(negatives) < config.num_negatives:
-            stats["short_of_negatives"] += 1
+        tops = _candidates(sources.for_query(n, config), corpus.ids, exclude, stats)
+        flagged = _likely_false_negatives(tops, exclude, row_of, config.false_negative_margin)
+        negatives = _negatives(tops, flagged, config, qid, stats)
+        stats["short_of_negatives"] += len(negatives) < config.num_negatives
         stats["trained_queries"] += 1
         stats["negatives"] += len(negatives)
         stats["positives"] += len(positives)
@@ -207,5 +219,6 @@ def mine(dataset: Dataset, config: MiningConfig, encoder=None) -> tuple[
             query=queries[qid], query_id=qid,
             positives=[passages[row_of[d]] for d in positives], positive_ids=positives,
             negatives=[passages[row_of[d]] for d in negatives], negative_ids=negatives))
-    settings = {**config.to_dict(), "bm25": asdict(BM25Config()), "dense": dense_settings}
+    settings = {**config.to_dict(), "bm25": asdict(BM25Config()),
+                "dense": sources.dense_settings}
     return examples, {"stats": stats, "settings": settings}
