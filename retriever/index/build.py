@@ -69,15 +69,22 @@ def default_out(embeddings_url: str, index_type: str, shards: int) -> str:
                      "<corpus>/<model>")
 
 
-def ray_runner(workers: int, cpus: float, gpu: bool):
-    """``run_all`` for ``shards.build``: one Ray task per shard, at most ``workers`` at once."""
+def ray_runner(workers: int, cpus: float, gpu: str | bool = "auto"):
+    """``run_all`` for ``shards.build``: one Ray task per shard, at most ``workers`` at once.
+
+    Each task asks for a GPU when ``gpu`` is yes, or auto and the cluster has GPUs (wherever
+    this driver runs: a CPU head still sends shards to GPU workers); the task then decides
+    itself whether to use the GPU it got (``shards.build_shard``)."""
     import ray
+
+    from retriever.modeling.device import gpus_to_request
 
     if not ray.is_initialized():  # $RAY_ADDRESS under `ray job submit`, else a local cluster
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+    gpus = gpus_to_request(gpu)
 
     def run_all(fn, n, shared):
-        task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0)(fn)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(fn)
         refs = {name: ray.put(value) for name, value in shared.items()}  # shipped once
         pending, results = {}, {}
         for number in range(n):
@@ -105,7 +112,7 @@ def build_index(config: IndexBuildConfig) -> dict:
     out = config.out or default_out(config.embeddings, config.type, config.shards)
     run_all = None
     if config.workers > 0:
-        run_all = ray_runner(config.workers, config.cpus_per_worker, sh.use_gpu(config.gpu))
+        run_all = ray_runner(config.workers, config.cpus_per_worker, config.gpu)
     started = time.time()
     manifest = sh.build(config.embeddings, out, config.shards, spec,
                         train_sample=config.train_sample, recall_queries=config.recall_queries,

@@ -164,3 +164,37 @@ def test_encode_summary_reports_gpu_utilisation_and_memory():
     assert "GPU util 72%, GPU memory peak 3.2 GiB" in result.summary()
     result.gpu_util = result.gpu_memory_gb = None
     assert "GPU util n/a" in result.summary() and "memory" not in result.summary()
+
+
+def test_index_tasks_ask_ray_for_gpus_the_cluster_has(monkeypatch):
+    """``ray_runner`` on a CPU driver: with gpu=auto every shard task asks for a GPU when the
+    cluster has any (before, the driver's own "no GPU here" decided for every task)."""
+    import ray
+
+    from retriever.index.build import ray_runner
+
+    asked = []
+
+    class Ref:
+        def __init__(self, value):
+            self.value = value
+
+    def remote(**options):
+        asked.append(options)
+        return lambda fn: type("Task", (), {"remote": staticmethod(
+            lambda **kw: Ref(fn(**{k: v.value if isinstance(v, Ref) else v
+                                   for k, v in kw.items()})))})
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 8.0})
+    monkeypatch.setattr(ray, "remote", remote)
+    monkeypatch.setattr(ray, "put", Ref)
+    monkeypatch.setattr(ray, "get", lambda ref: ref.value)
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+    monkeypatch.setattr(device, "usable_gpu_count", lambda: 0)  # the driver has none
+    run_all = ray_runner(workers=2, cpus=1.0, gpu="auto")
+    assert run_all(lambda number, gpu: (number, gpu), 3, {"gpu": "auto"}) == [
+        (0, "auto"), (1, "auto"), (2, "auto")]
+    assert asked == [{"num_cpus": 1.0, "num_gpus": 1}]
+    ray_runner(workers=2, cpus=1.0, gpu="no")(lambda number: number, 1, {})
+    assert asked[-1]["num_gpus"] == 0
