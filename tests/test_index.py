@@ -185,6 +185,39 @@ def test_existing_index_is_never_overwritten(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()} == before
 
 
+def test_finished_index_is_reused_and_rebuilt_when_its_inputs_change(tmp_path):
+    ids, vectors = random_embeddings(tmp_path / "emb", rows=200)
+    emb, out = str(tmp_path / "emb"), str(tmp_path / "idx")
+    first = sh.build(emb, out, 2, sh.IndexSpec("flat"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()}
+    again = sh.build(emb, out, 2, sh.IndexSpec("flat"))
+    assert again["reused"] is True and again["identity"] == first["identity"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()} == before
+    rebuilt = sh.build(emb, out, 3, sh.IndexSpec("flat"), replace=True)
+    assert "reused" not in rebuilt and len(rebuilt["shards"]) == 3
+    assert sh.read_manifest(out)["identity"] == rebuilt["identity"] != first["identity"]
+    random_embeddings(tmp_path / "emb", rows=200, seed=1)  # same settings, other vectors
+    with pytest.raises(InputError, match="already holds an index"):
+        sh.build(emb, out, 3, sh.IndexSpec("flat"))
+    sh.build(emb, out, 3, sh.IndexSpec("flat"), replace=True)
+    _, other = random_embeddings(tmp_path / "other", rows=200, seed=1)
+    hits = sh.search_all(sh.load_all(out), other[:1], 1)[0]
+    assert hits[0][0] == "doc00000"  # the new vectors are indexed, not the old ones
+
+
+@pytest.mark.parametrize("name", ["shard-00001.faiss", "shard-00000.ids.parquet"])
+def test_a_changed_shard_file_is_refused_at_load(tmp_path, name):
+    random_embeddings(tmp_path / "emb", rows=200)
+    out = str(tmp_path / "idx")
+    sh.build(str(tmp_path / "emb"), out, 2, sh.IndexSpec("flat"))
+    path = tmp_path / "idx" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=f"{name}: sha256 does not match the index manifest"):
+        sh.load_all(out)
+
+
 @pytest.mark.parametrize("spec, shards, message", [
     (dict(type="flat"), 300, "200 rows cannot fill 300 shards"),
     (dict(type="ivfpq", pq_m=5), 1, "pq_m 5 must divide the embedding dimension 32"),

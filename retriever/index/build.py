@@ -6,6 +6,8 @@ Ray tasks with ``workers > 0``; for IVF-PQ / HNSW recall@10 is measured against 
 and ``nprobe`` / ``efSearch`` chosen to reach ``target_recall``. The default output folder is
 ``<store>/indexes/<corpus>/<model>/<type>-<N>`` when the embeddings sit at
 ``<store>/embeddings/<corpus>/<model>``. See :mod:`retriever.index.shards` for the format.
+A finished index of the same embeddings and settings at ``out`` is reused; one of others is
+refused unless ``replace`` (then rebuilt, its manifest written last).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class IndexBuildConfig:
     workers: int = field(default=0, metadata={
         "help": "0: build shards in this process; W>0: as Ray tasks, at most W at a time"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs per shard task"})
+    replace: bool = field(default=False, metadata={
+        "help": "rebuild over an index of other embeddings or settings at --out (an index "
+                "of the same ones is always reused)"})
 
 
 def default_out(embeddings_url: str, index_type: str, shards: int) -> str:
@@ -100,7 +105,9 @@ def ray_runner(workers: int, cpus: float, gpu: str | bool = "auto"):
 
 
 def build_index(config: IndexBuildConfig) -> dict:
-    """Build the index; returns its manifest with ``out`` and ``seconds`` added."""
+    """Build the index, or reuse the finished one at ``out`` built from the same embeddings
+    with the same settings (``reused: True``); returns its manifest with ``out`` and
+    ``seconds`` added."""
     search_value = config.nprobe if config.type == "ivfpq" else (
         config.ef_search if config.type == "hnsw" else None)
     spec = sh.IndexSpec(type=config.type, factory=config.factory, nlist=config.nlist,
@@ -117,7 +124,7 @@ def build_index(config: IndexBuildConfig) -> dict:
     manifest = sh.build(config.embeddings, out, config.shards, spec,
                         train_sample=config.train_sample, recall_queries=config.recall_queries,
                         seed=config.seed, gpu=config.gpu, queries=config.queries,
-                        run_all=run_all)
+                        run_all=run_all, replace=config.replace)
     manifest["out"] = out
     manifest["seconds"] = time.time() - started
     return manifest

@@ -38,7 +38,9 @@ Manifest keys: ``format`` ("retriever.index/1"), ``type``, ``factory``, ``metric
 ``rows``, ``shards`` (list of {"index", "ids", "rows", "start", "sha256", "ids_sha256"}),
 ``search_params`` ({"nprobe": n} / {"efSearch": n} / {}), ``recall`` (at, value, queries,
 per search parameter), ``train`` (sample size, seed), ``gpu``, ``source`` (embeddings URL,
-its manifest's sha256, encoder settings, dtype, rows), ``code_version``, ``created``.
+its manifest's sha256, encoder settings, dtype, rows), ``identity`` (what a rebuild must match
+for the index to be reused: the embeddings' part checksums and the build settings),
+``code_version``, ``created``. Loading checks every shard and id map against its sha256.
 
 Search results follow trec_eval's order (``retriever.index.ranking``): a few extra neighbours are
 fetched per shard so a tie at the cut-off is broken by doc id, and the merge of the shards'
@@ -49,6 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import math
 import os
 import tempfile
@@ -338,13 +342,53 @@ def merge_probe(entries: list[dict], spec: IndexSpec) -> dict:
             "per_value": {str(v): per_value[v] for v in values}}
 
 
-def _check_build(embeddings_url: str, out: str, shards: int, rows: int) -> None:
+def _content(manifest: dict) -> list:
+    """What an embedding folder holds, by its parts' checksums (not when or where written)."""
+    return [manifest["dim"], manifest.get("dtype"), manifest["rows"],
+            [[part["file"], part["rows"], part["sha256"]] for part in manifest["parts"]]]
+
+
+def build_identity(source: dict, shards: int, spec: IndexSpec, train_sample: int,
+                   recall_queries: int, seed: int, queries: str | None) -> str:
+    """What a finished index must match to be reused: the embeddings' content, the recall
+    queries' content and every build setting (not the GPU, which only changes the speed)."""
+    payload = {"embeddings": _content(source), "shards": shards, "spec": asdict(spec),
+               "train_sample": train_sample, "recall_queries": recall_queries, "seed": seed,
+               "queries": _content(embeddings.read_manifest(queries)) if queries else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def finished_index(out: str, identity: str) -> dict | None:
+    """The manifest of the complete index under ``out`` when it has this identity, else None."""
+    url = store.join(out, MANIFEST)
+    if not store.exists(url):
+        return None
+    manifest = store.read_json(url)
+    if manifest.get("format") != FORMAT or manifest.get("identity") != identity:
+        return None
+    files = [entry[key] for entry in manifest["shards"] for key in ("index", "ids")]
+    if not all(store.exists(store.join(out, name)) for name in files):
+        return None
+    return manifest
+
+
+def _check_build(embeddings_url: str, out: str, shards: int, rows: int, replace: bool) -> None:
     if shards < 1:
         raise InputError(f"shards must be >= 1, got {shards}")
     if rows < shards:
         raise InputError(f"{embeddings_url}: {rows} rows cannot fill {shards} shards")
-    if store.exists(store.join(out, MANIFEST)):
-        raise InputError(f"{out}: already holds an index (manifest.json); choose another --out")
+    if not replace and store.exists(store.join(out, MANIFEST)):
+        raise InputError(f"{out}: already holds an index (manifest.json) of other embeddings "
+                         "or settings; choose another --out, or --replace it")
+
+
+def _retract(out: str) -> None:
+    """Remove an old index's manifest before its files are overwritten, so that a rebuild
+    cut short leaves an incomplete index, never a manifest naming files it did not write."""
+    url = store.join(out, MANIFEST)
+    if store.exists(url):
+        fs, path = store.filesystem(url)
+        fs.rm_file(path)
 
 
 def _train_once(embeddings_url: str, source: dict, out: str, spec: IndexSpec, factory: str,
@@ -386,8 +430,12 @@ def _recall_probe(embeddings_url: str, source: dict, queries: str | None, size: 
 def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
           train_sample: int = 100_000, recall_queries: int = 1000, seed: int = 0,
           gpu: str | bool = "auto", queries: str | None = None,
-          run_all: Callable[..., list[dict]] | None = None) -> dict:
+          run_all: Callable[..., list[dict]] | None = None, replace: bool = False) -> dict:
     """Build ``shards`` shards of ``embeddings_url`` under ``out``; returns the manifest.
+
+    A finished index under ``out`` with the same identity (:func:`build_identity`) is reused:
+    its manifest is returned with ``reused: True``. One of other embeddings or settings is
+    refused, or rebuilt in place with ``replace`` (old manifest removed first, new one last).
 
     ``run_all(fn, n, shared)`` runs ``fn(number, **shared)`` for numbers 0..n-1 and returns
     the results in order (default: sequentially in this process; ``jobs/index.py`` passes one
@@ -398,11 +446,16 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
     """
     source = embeddings.read_manifest(embeddings_url)
     rows, dim = int(source["rows"]), int(source["dim"])
-    _check_build(embeddings_url, out, shards, rows)
+    identity = build_identity(source, shards, spec, train_sample, recall_queries, seed, queries)
+    existing = finished_index(out, identity)
+    if existing is not None:
+        return {**existing, "reused": True}
+    _check_build(embeddings_url, out, shards, rows, replace)
     # Training runs here; the shards decide for themselves where they run (``build_shard``).
     on_gpu = use_gpu("auto" if run_all and gpu in ("yes", True) else gpu)
     train_rows = min(train_sample, rows)
     factory = spec.factory_string(dim, rows, train_rows)
+    _retract(out)
     trained, train_info, probe_index = _train_once(embeddings_url, source, out, spec, factory,
                                                    train_rows, seed, on_gpu)
     probe = (_recall_probe(embeddings_url, source, queries, recall_queries, seed + 1)
@@ -423,6 +476,7 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
         "rows": rows, "shards": entries,
         "search_params": spec.search_params(search_value),
         "recall": recall_info, "train": train_info, "gpu": on_gpu, "spec": asdict(spec),
+        "identity": identity,
         "source": {"embeddings": embeddings_url,
                    "manifest_sha256": embeddings.sha256_of(
                        store.join(embeddings_url, embeddings.MANIFEST)),
@@ -440,15 +494,47 @@ def read_manifest(folder: str) -> dict:
     return embeddings.read_manifest(folder, FORMAT, "the index")
 
 
-def _read_index(url: str) -> "faiss.Index":
-    """FAISS reads local files itself; a remote shard is downloaded to a temporary file."""
+def _refuse_changed(url: str, digest: "hashlib._Hash", expected: str) -> None:
+    """Refuse a file whose bytes are not the ones the index manifest recorded."""
+    if digest.hexdigest() != expected:
+        raise InputError(f"{url}: sha256 does not match the index manifest (the file is "
+                         "corrupt or was replaced; rebuild the index)")
+
+
+def _check_sha256(local: str, url: str, expected: str | None) -> None:
+    """Check a local file in blocks (a shard may be larger than the memory spare)."""
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    with open(local, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    _refuse_changed(url, digest, expected)
+
+
+def _read_index(url: str, sha256: str | None = None) -> "faiss.Index":
+    """FAISS reads local files itself; a remote shard is downloaded to a temporary file.
+    With ``sha256`` the file is checked against it first."""
     if store.is_local(url):
-        return faiss.read_index(url[len("file://"):] if url.startswith("file://") else url)
+        local = url[len("file://"):] if url.startswith("file://") else url
+        _check_sha256(local, url, sha256)
+        return faiss.read_index(local)
     fs, path = store.filesystem(url)
     with tempfile.TemporaryDirectory(prefix="retriever-shard-") as tmp:
         local = os.path.join(tmp, "shard.faiss")
         fs.get(path, local)
+        _check_sha256(local, url, sha256)
         return faiss.read_index(local)
+
+
+def _read_ids(url: str, sha256: str | None = None) -> list[str]:
+    """A shard's id map; with ``sha256`` its bytes are checked against it first."""
+    import pyarrow.parquet as pq
+
+    data = store.read_bytes(url)
+    if sha256 is not None:
+        _refuse_changed(url, hashlib.sha256(data), sha256)
+    return pq.read_table(io.BytesIO(data)).column("doc_id").to_pylist()
 
 
 class IndexShard:
@@ -472,17 +558,18 @@ class IndexShard:
 
     @classmethod
     def load(cls, folder: str, number: int, manifest: dict | None = None,
-             gpu: str | bool = "auto", verify: bool = False) -> "IndexShard":
+             gpu: str | bool = "auto", verify: bool = True) -> "IndexShard":
+        """Shard ``number`` of the index at ``folder``; ``verify`` (default) checks the shard
+        and its id map against the manifest's sha256 (off only to save reading huge shards
+        twice where the storage itself is trusted)."""
         manifest = manifest or read_manifest(folder)
         if not 0 <= number < len(manifest["shards"]):
             raise InputError(f"{folder}: no shard {number} (the index has "
                              f"{len(manifest['shards'])})")
         entry = manifest["shards"][number]
-        index_url = store.join(folder, entry["index"])
-        if verify and embeddings.sha256_of(index_url) != entry["sha256"]:
-            raise InputError(f"{index_url}: sha256 does not match the index manifest")
-        index = _read_index(index_url)
-        ids = store.read_parquet(store.join(folder, entry["ids"])).column("doc_id").to_pylist()
+        index = _read_index(store.join(folder, entry["index"]),
+                            entry["sha256"] if verify else None)
+        ids = _read_ids(store.join(folder, entry["ids"]), entry["ids_sha256"] if verify else None)
         if manifest["type"] == "flat" and use_gpu(gpu):
             index = to_gpu_if_available(index)
         return cls(index, ids, manifest["type"], shard_name(number),
@@ -492,9 +579,9 @@ class IndexShard:
         return search_index(self.index, self.ids, queries, k)
 
 
-def load_all(folder: str, gpu: str | bool = "auto") -> list[IndexShard]:
+def load_all(folder: str, gpu: str | bool = "auto", verify: bool = True) -> list[IndexShard]:
     manifest = read_manifest(folder)
-    return [IndexShard.load(folder, n, manifest, gpu)
+    return [IndexShard.load(folder, n, manifest, gpu, verify)
             for n in range(len(manifest["shards"]))]
 
 
