@@ -113,6 +113,23 @@ def _kind(value: Any) -> str:
 
 def parse_search(body: bytes, settings: ApiSettings, dim: int) -> SearchRequest:
     """The validated request, or :class:`ApiError` naming what is wrong."""
+    payload = _json_object(body, settings)
+    unknown = sorted(set(payload) - {"query", "vector", "top_k"})
+    if unknown:
+        raise ApiError(422, f"unknown field(s) {', '.join(map(repr, unknown))}: expected "
+                            "'query' or 'vector', and optionally 'top_k'")
+    top_k = _top_k(payload, settings)
+    has_query, has_vector = "query" in payload, "vector" in payload
+    if has_query == has_vector:
+        raise ApiError(422, "give exactly one of 'query' (text) or 'vector' (numbers)" +
+                            ("; both were given" if has_query else ""))
+    if has_query:
+        return SearchRequest(top_k=top_k, query=_query(payload["query"], settings))
+    return SearchRequest(top_k=top_k, vector=_vector(payload["vector"], dim))
+
+
+def _json_object(body: bytes, settings: ApiSettings) -> dict:
+    """The body as a JSON object (413 when too large, 400 when not JSON or not an object)."""
     if len(body) > settings.max_body_bytes:
         raise ApiError(413, f"request body is {len(body)} bytes; the limit is "
                             f"{settings.max_body_bytes}")
@@ -123,10 +140,11 @@ def parse_search(body: bytes, settings: ApiSettings, dim: int) -> SearchRequest:
     if not isinstance(payload, dict):
         raise ApiError(400, f"the body must be a JSON object like {{\"query\": \"...\", "
                             f"\"top_k\": 10}}, got {_kind(payload)}")
-    unknown = sorted(set(payload) - {"query", "vector", "top_k"})
-    if unknown:
-        raise ApiError(422, f"unknown field(s) {', '.join(map(repr, unknown))}: expected "
-                            "'query' or 'vector', and optionally 'top_k'")
+    return payload
+
+
+def _top_k(payload: dict, settings: ApiSettings) -> int:
+    """``top_k`` (default ``settings.default_top_k``): an integer in 1..max_top_k."""
     top_k = payload.get("top_k", settings.default_top_k)
     if isinstance(top_k, float) and top_k.is_integer():
         top_k = int(top_k)
@@ -134,21 +152,23 @@ def parse_search(body: bytes, settings: ApiSettings, dim: int) -> SearchRequest:
         raise ApiError(422, f"top_k must be an integer, got {_kind(top_k)}")
     if not 1 <= top_k <= settings.max_top_k:
         raise ApiError(422, f"top_k must be between 1 and {settings.max_top_k}, got {top_k}")
-    has_query, has_vector = "query" in payload, "vector" in payload
-    if has_query == has_vector:
-        raise ApiError(422, "give exactly one of 'query' (text) or 'vector' (numbers)" +
-                            ("; both were given" if has_query else ""))
-    if has_query:
-        query = payload["query"]
-        if not isinstance(query, str):
-            raise ApiError(422, f"query must be a string, got {_kind(query)}")
-        if not query.strip():
-            raise ApiError(422, "query is empty")
-        if len(query) > settings.max_query_chars:
-            raise ApiError(413, f"query is {len(query)} characters; the limit is "
-                                f"{settings.max_query_chars}")
-        return SearchRequest(top_k=top_k, query=query)
-    vector = payload["vector"]
+    return top_k
+
+
+def _query(query: Any, settings: ApiSettings) -> str:
+    """A non-empty string of at most ``settings.max_query_chars`` characters."""
+    if not isinstance(query, str):
+        raise ApiError(422, f"query must be a string, got {_kind(query)}")
+    if not query.strip():
+        raise ApiError(422, "query is empty")
+    if len(query) > settings.max_query_chars:
+        raise ApiError(413, f"query is {len(query)} characters; the limit is "
+                            f"{settings.max_query_chars}")
+    return query
+
+
+def _vector(vector: Any, dim: int) -> np.ndarray:
+    """``dim`` finite numbers, as float32."""
     if not isinstance(vector, list):
         raise ApiError(422, f"vector must be an array of numbers, got {_kind(vector)}")
     bad = next((i for i, v in enumerate(vector)
@@ -160,7 +180,7 @@ def parse_search(body: bytes, settings: ApiSettings, dim: int) -> SearchRequest:
     array = np.asarray(vector, dtype=np.float32)
     if not np.isfinite(array).all():
         raise ApiError(422, "vector holds a non-finite number (NaN or infinity)")
-    return SearchRequest(top_k=top_k, vector=array)
+    return array
 
 
 async def fan_out(calls: Sequence[Callable[[], Awaitable[Any]]], names: Sequence[str],
@@ -261,22 +281,35 @@ def _json(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
 def make_api(backend: Backend, settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     token = os.environ.get(settings.token_env) or None
-    page = PAGE.read_text(encoding="utf-8")
     app = FastAPI(title="llm-retriever search", docs_url=None, redoc_url=None,
                   openapi_url=None)
 
     def denied(request: Request) -> Response | None:
-        if token is None:
-            return None
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              token.encode()):
-            return None
-        problem = ("missing Authorization header" if not scheme else
-                   "wrong token" if scheme.lower() == "bearer" else
-                   f"unsupported auth scheme {scheme!r}")
-        return _json({"detail": f"{problem}: send 'Authorization: Bearer <token>'"}, 401,
-                     {"WWW-Authenticate": "Bearer"})
+        return _denied(request, token)
+
+    _add_status_routes(app, backend, denied, PAGE.read_text(encoding="utf-8"))
+    _add_search_route(app, backend, settings, denied)
+    return app
+
+
+def _denied(request: Request, token: str | None) -> Response | None:
+    """None when the request may pass (no token set, or the right bearer token), else a 401."""
+    if token is None:
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                          token.encode()):
+        return None
+    problem = ("missing Authorization header" if not scheme else
+               "wrong token" if scheme.lower() == "bearer" else
+               f"unsupported auth scheme {scheme!r}")
+    return _json({"detail": f"{problem}: send 'Authorization: Bearer <token>'"}, 401,
+                 {"WWW-Authenticate": "Bearer"})
+
+
+def _add_status_routes(app: FastAPI, backend: Backend,
+                       denied: Callable[[Request], Response | None], page: str) -> None:
+    """``GET /healthz`` (never needs a token), ``GET /info`` and the search page ``GET /``."""
 
     @app.get("/healthz")
     async def healthz():
@@ -290,6 +323,11 @@ def make_api(backend: Backend, settings: ApiSettings | None = None) -> FastAPI:
     async def index_page(request: Request):
         return denied(request) or HTMLResponse(page)
 
+
+def _add_search_route(app: FastAPI, backend: Backend, settings: ApiSettings,
+                      denied: Callable[[Request], Response | None]) -> None:
+    """``POST /search``: validate, encode the query if no vector came, fan out, merge."""
+
     @app.post("/search")
     async def search(request: Request):
         refused = denied(request)
@@ -302,33 +340,51 @@ def make_api(backend: Backend, settings: ApiSettings | None = None) -> FastAPI:
             return _json({"detail": err.message}, err.status)
         vector = parsed.vector
         if vector is None:
-            try:
-                vector = await asyncio.wait_for(backend.encode(parsed.query),
-                                                max(settings.timeout_s, 10.0))
-            except asyncio.TimeoutError:
-                return _json({"detail": "the query encoder did not answer in time"}, 503)
-            except Exception as err:  # noqa: BLE001
-                return _json({"detail": f"the query encoder failed: {type(err).__name__}"}, 503)
+            vector = await _encode_query(backend, parsed.query, settings)
+            if isinstance(vector, Response):
+                return vector
         k = parsed.top_k
-        groups = backend.shard_groups
-        labels = [str(g) for g in range(len(groups))]
-        calls = [lambda g=g: backend.search_group(g, vector, k) for g in range(len(groups))]
-        answers, failures = await fan_out(calls, labels, settings.timeout_s)
-        hits = merge((answers[label] for label in labels if label in answers), k)
-        errors = {name: failures[label]
-                  for label, names in zip(labels, groups) if label in failures for name in names}
-        out = []
-        for rank, (doc_id, score) in enumerate(hits, start=1):
-            hit = {"rank": rank, "doc_id": doc_id,
-                   "score": score if math.isfinite(score) else None}
-            doc = backend.doc(doc_id)
-            if doc is not None:
-                hit["title"], hit["text"] = doc
-            out.append(hit)
+        hits, errors = await _search_shards(backend, vector, k, settings)
         missing = [n for n in backend.shard_names if n in errors]
-        return _json({"hits": out, "top_k": k, "partial": bool(missing),
+        return _json({"hits": _hit_rows(backend, hits), "top_k": k, "partial": bool(missing),
                       "missing_shards": missing, "errors": errors,
                       "shards": len(backend.shard_names),
                       "took_ms": round((time.perf_counter() - started) * 1000, 3)})
 
-    return app
+
+async def _encode_query(backend: Backend, query: str,
+                        settings: ApiSettings) -> np.ndarray | Response:
+    """The query's vector, or a 503 response when the encoder fails or does not answer."""
+    try:
+        return await asyncio.wait_for(backend.encode(query), max(settings.timeout_s, 10.0))
+    except asyncio.TimeoutError:
+        return _json({"detail": "the query encoder did not answer in time"}, 503)
+    except Exception as err:  # noqa: BLE001
+        return _json({"detail": f"the query encoder failed: {type(err).__name__}"}, 503)
+
+
+async def _search_shards(backend: Backend, vector, k: int,
+                         settings: ApiSettings) -> tuple[list[Hit], dict[str, str]]:
+    """Ask every searcher concurrently; the merged top ``k`` and, per shard left out, why."""
+    groups = backend.shard_groups
+    labels = [str(g) for g in range(len(groups))]
+    calls = [lambda g=g: backend.search_group(g, vector, k) for g in range(len(groups))]
+    answers, failures = await fan_out(calls, labels, settings.timeout_s)
+    hits = merge((answers[label] for label in labels if label in answers), k)
+    errors = {name: failures[label]
+              for label, names in zip(labels, groups) if label in failures for name in names}
+    return hits, errors
+
+
+def _hit_rows(backend: Backend, hits: Sequence[Hit]) -> list[dict]:
+    """The response's hits: rank, doc id, score (null when not finite), title and text if
+    the backend has the document."""
+    out = []
+    for rank, (doc_id, score) in enumerate(hits, start=1):
+        hit = {"rank": rank, "doc_id": doc_id,
+               "score": score if math.isfinite(score) else None}
+        doc = backend.doc(doc_id)
+        if doc is not None:
+            hit["title"], hit["text"] = doc
+        out.append(hit)
+    return out
