@@ -5,7 +5,9 @@ otherwise) and deploys the search application (``serve/app.py``: QueryEncoder ->
 ShardSearcher x N) under the name ``search`` at ``/``; then waits until interrupted.
 ``--serve-config FILE`` takes the application's ``args`` and ``deployments`` (replicas,
 autoscaling, actor options) from a Serve config file such as ``serve/config.yaml``; flags win
-over its args. The same app deploys on a cluster with ``serve deploy serve/config.yaml`` or a
+over its args. The query encoder must embed like the index's encoder (weights, pooling, prefixes,
+dim: ``retriever.modeling.parity``); ``--allow-asymmetric-encoder`` serves a different one on
+purpose. The same app deploys on a cluster with ``serve deploy serve/config.yaml`` or a
 KubeRay RayService. Set ``RETRIEVER_API_TOKEN`` to require a bearer token. The work is
 ``serve/launch.py``.
 """

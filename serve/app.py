@@ -2,17 +2,19 @@
 RayService ``import_path``).
 
 ``build_app(args)`` reads the index manifest, takes the query encoder's settings from the
-embeddings the index was built from (``source.encoder``; ``model`` overrides the model), and
-binds QueryEncoder, one ShardSearcher per group of ``shards_per_searcher`` shards
-(``ShardSearcher-0`` ..; one shard each by default) and the Router ingress. ``args`` (see
-:class:`AppArgs`): ``index`` (required), ``model``, ``docs``, ``timeout_s``, ``max_top_k``,
-``max_query_chars``, ``encoder_batch_size``, ``encoder_batch_wait_s``, ``gpu``,
-``shards_per_searcher``, ``access_log``, ``low_latency`` and ``deployments``: Serve-style
-per-deployment options (``name``, ``num_replicas``, ``autoscaling_config``,
-``ray_actor_options``, ``max_ongoing_requests``, ...) applied in code; the name
-``ShardSearcher`` applies to every searcher, ``ShardSearcher-<g>`` to one. Options in a Serve
-config's own ``deployments:`` list override these in the usual Serve way (there, searchers
-must be named one by one).
+embeddings the index was built from (``source.encoder``; ``model`` overrides the model), checks
+that this query encoder embeds like the index's (``retriever.modeling.parity``: weights
+identity, pooling, normalisation, query prefix and length, dim; refused with both sides named
+unless ``allow_asymmetric_encoder``), and binds QueryEncoder, one ShardSearcher per group of
+``shards_per_searcher`` shards (``ShardSearcher-0`` ..; one shard each by default) and the
+Router ingress. ``args`` (see :class:`AppArgs`): ``index`` (required), ``model``, ``docs``,
+``timeout_s``, ``max_top_k``, ``max_query_chars``, ``encoder_batch_size``,
+``encoder_batch_wait_s``, ``gpu``, ``shards_per_searcher``, ``access_log``, ``low_latency``,
+``allow_asymmetric_encoder`` and ``deployments``: Serve-style per-deployment options (``name``,
+``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``, ...)
+applied in code; the name ``ShardSearcher`` applies to every searcher, ``ShardSearcher-<g>`` to
+one. Options in a Serve config's own ``deployments:`` list override these in the usual Serve way
+(there, searchers must be named one by one).
 
 Grouping shards: a Router -> ShardSearcher call costs a Serve request (~4 ms of CPU on the
 2-core development machine), so fanning out to more searchers than there are cores to run
@@ -61,6 +63,7 @@ class AppArgs:
     shards_per_searcher: int = 1  # shards held (and searched in one call) by one ShardSearcher
     access_log: bool = False  # a log line per request in every replica (costs latency)
     low_latency: bool = True  # LOW_LATENCY_ENV in every replica's runtime_env
+    allow_asymmetric_encoder: bool = False  # serve a query encoder unlike the index's
     deployments: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -73,7 +76,7 @@ class AppArgs:
         if not args.get("index"):
             raise InputError("serve app: the 'index' argument (index folder URL) is required")
         values = dict(args)
-        for name in ("access_log", "low_latency"):
+        for name in ("access_log", "low_latency", "allow_asymmetric_encoder"):
             if isinstance(values.get(name), str):  # `serve run ... key=value` passes strings
                 text = values[name].strip().lower()
                 if text not in ("true", "false", "1", "0", "yes", "no"):
@@ -106,6 +109,18 @@ def encoder_config(manifest: dict, model: str | None = None) -> dict:
         raise InputError("serve app: the index's embeddings name no encoder model; pass "
                          "model=NAME_OR_PATH")
     return dataclasses.asdict(EncoderConfig.replaying(settings, model))
+
+
+def check_parity(manifest: dict, encoder: dict, app_args: AppArgs) -> None:
+    """Refuse an index whose encoder differs from the query encoder ``encoder`` (EncoderConfig
+    fields) unless ``allow_asymmetric_encoder`` (``retriever.modeling.parity``). The app's one
+    QueryEncoder is fixed here, at build time, so this covers every ``/search`` with a query."""
+    from retriever.modeling.encoder import EncoderConfig
+    from retriever.modeling.parity import check_encoder_matches, index_settings, query_settings
+
+    check_encoder_matches(index_settings(manifest), query_settings(EncoderConfig(**encoder)),
+                          allow_asymmetric=app_args.allow_asymmetric_encoder,
+                          index_name=f"index {app_args.index}")
 
 
 def index_info(manifest: dict, model: str, groups: list[list[int]]) -> dict:
@@ -158,6 +173,7 @@ def build_app(args: dict[str, Any]):
     app_args = AppArgs.from_dict(dict(args))
     manifest = sh.read_manifest(app_args.index)
     encoder = encoder_config(manifest, app_args.model)
+    check_parity(manifest, encoder, app_args)
     groups = sh.group_numbers(len(manifest["shards"]), app_args.shards_per_searcher)
     options = _options(app_args.deployments, len(groups))
     logs = {"logging_config": {"enable_access_log": bool(app_args.access_log)}}

@@ -33,6 +33,10 @@ class ServeConfig:
         "help": "dataset folder or corpus file: adds title and text to hits"})
     model: str | None = field(default=None, metadata={
         "help": "query encoder (default: the model the index's embeddings were made with)"})
+    allow_asymmetric_encoder: bool | None = field(default=None, metadata={
+        "help": "serve although the query encoder (--model) differs from the index's encoder "
+                "(weights, pooling, prefixes, ...): an intended asymmetric query encoder; "
+                "unset: the serve config's, else refused"})
     timeout_s: float | None = field(default=None, metadata={
         "help": "per-shard timeout in seconds; unset: the serve config's, else 2.0"})
     max_top_k: int | None = field(default=None, metadata={

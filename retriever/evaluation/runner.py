@@ -35,6 +35,9 @@ class MatrixConfig:
     price_per_hour: float = field(default=0.10, metadata={
         "help": "price of the encoding hardware per hour, for cost per 1M docs"})
     hardware: str = field(default="this machine (CPU)", metadata={"help": "named in the report"})
+    allow_asymmetric_encoder: bool = field(default=False, metadata={
+        "help": "search an index with a query encoder unlike the index's encoder (weights, "
+                "pooling, prefixes, ...) instead of refusing it"})
 
 
 @dataclass
@@ -50,11 +53,17 @@ class Cell:
     key: str
 
 
-def _search_task(index_folder: str, model: str, options: dict, queries: list[str], k: int):
+def _search_task(index_folder: str, model: str, options: dict, queries: list[str], k: int,
+                 allow_asymmetric: bool = False):
+    """The queries' top-k from the index, embedded by a query encoder that must match the
+    index's recorded encoder (``retriever.modeling.parity``) unless ``allow_asymmetric``."""
     from retriever.index import shards as sh
     from retriever.modeling.encoder import Encoder
+    from retriever.modeling.parity import check_encoder_matches, index_settings
 
     encoder = Encoder(model=model, **options)
+    check_encoder_matches(index_settings(sh.read_manifest(index_folder)), encoder.settings(),
+                          allow_asymmetric=allow_asymmetric, index_name=f"index {index_folder}")
     vectors = encoder.encode_queries(queries)
     return sh.search_all(sh.load_all(index_folder), vectors, k)
 
@@ -105,7 +114,7 @@ def dense_run(config: MatrixConfig, cell: Cell, queries: dict, root: str
                                  type=config.index_type))
     hits = ray.get(ray.remote(num_cpus=0.5)(_search_task).remote(
         index_folder, model.model, model.encoder_options(), list(queries.values()),
-        config.top_k))
+        config.top_k, config.allow_asymmetric_encoder))
     return (dict(zip(queries, hits)), throughput,
             {"embeddings": emb_folder, "index": index_folder})
 

@@ -9,6 +9,7 @@ once, sorted by length and batched under a token budget, so little compute goes 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator, Sequence
@@ -220,3 +221,17 @@ class Encoder:
 
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts, "passage")
+
+
+class WeightlessEncoder(Encoder):
+    """An Encoder without weights: tokenizer, prefixes/templates, settings and dims only (the
+    encode pipeline's tokenize stage; the parity check's view of a query encoder)."""
+
+    def _load_model(self):
+        return None
+
+    @functools.cached_property
+    def dim(self) -> int:  # type: ignore[override]
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(self.resolved.path).hidden_size)

@@ -24,7 +24,6 @@ to match.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -42,7 +41,8 @@ from retriever import provenance
 from retriever.config import flat
 from retriever.io import embeddings, store
 from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
-from retriever.modeling.encoder import Encoder, EncoderConfig, token_budget_batches
+from retriever.modeling.encoder import (Encoder, EncoderConfig, WeightlessEncoder,
+                                        token_budget_batches)
 from retriever.errors import InputError
 
 AUX_CPUS = 0.1  # read, tokenize and each write task
@@ -97,17 +97,7 @@ class EncodeOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-class PassageTokenizer(Encoder):
-    """An Encoder without weights: tokenizer, prefixes/templates, settings and dims only."""
-
-    def _load_model(self):
-        return None
-
-    @functools.cached_property
-    def dim(self) -> int:  # type: ignore[override]
-        from transformers import AutoConfig
-
-        return int(AutoConfig.from_pretrained(self.resolved.path).hidden_size)
+PassageTokenizer = WeightlessEncoder  # the tokenize stage's Encoder: no weights
 
 
 def shard_key(settings: dict, options: EncodeOptions) -> str:
