@@ -198,3 +198,22 @@ def test_index_tasks_ask_ray_for_gpus_the_cluster_has(monkeypatch):
     assert asked == [{"num_cpus": 1.0, "num_gpus": 1}]
     ray_runner(workers=2, cpus=1.0, gpu="no")(lambda number: number, 1, {})
     assert asked[-1]["num_gpus"] == 0
+
+
+def test_a_real_ray_task_sees_its_own_assignment():
+    """Inside a Ray task the assignment (none here) is what counts; in the driver there is
+    none to read (None), so the driver falls back to what CUDA shows."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=0.5, num_gpus=0)
+        def inside():
+            from retriever.modeling import device as task_device
+
+            return task_device.ray_assigned_gpu_ids(), task_device.usable_gpu_count()
+
+        assert ray.get(inside.remote()) == ([], 0)
+        assert device.ray_assigned_gpu_ids() is None
+    finally:
+        ray.shutdown()
