@@ -233,9 +233,8 @@ def quiet(verbose: bool | None = None) -> dict:
 
 
 def ray_init(**kwargs) -> None:
-    """``ray.init`` (when Ray is not started yet) with :func:`quiet`'s logging settings."""
-    import ray
+    """``ray.init`` (when Ray is not started yet) with :func:`quiet`'s logging settings; a new
+    local Ray listens on loopback only (:func:`retriever.ops.local_ray.init`)."""
+    from retriever.ops import local_ray
 
-    settings = quiet()
-    if not ray.is_initialized():
-        ray.init(**{**settings, **kwargs})
+    local_ray.init(**{**quiet(), **kwargs})

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from retriever.config import load_file
 from retriever.errors import InputError
+from retriever.ops import local_ray
 
 APP_NAME = "search"
 
@@ -103,8 +104,8 @@ def start(config: ServeConfig) -> str:
         if address == "local":  # a new local cluster: its proxy gets the latency switches too
             for name, value in LOW_LATENCY_ENV.items():
                 os.environ.setdefault(name, value)
-        ray.init(address=address, num_cpus=config.num_cpus if address == "local" else None,
-                 log_to_driver=False)
+        local_ray.init(address, num_cpus=config.num_cpus if address == "local" else None,
+                       log_to_driver=False)  # a new local Ray listens on loopback only
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"

@@ -188,6 +188,75 @@ def test_kuberay_groups_install_their_own_faiss_build(manifests, job):
             (job, name, command)
 
 
+def _env_entries(doc: dict) -> list[tuple[str, dict]]:
+    """Every ``env`` entry of every container of the manifest's Ray pods."""
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [(container["name"], entry) for g in groups
+            for container in g["template"]["spec"]["containers"]
+            for entry in container.get("env", [])]
+
+
+@pytest.mark.parametrize("job", sorted(RAYJOBS) + ["search"])
+def test_every_kuberay_cluster_turns_ray_token_auth_on(manifests, job):
+    """Dashboard and Job API are reachable in the pod network: KubeRay's authOptions makes
+    them (and Ray's gRPC services) want the token from a Secret; nothing switches it off."""
+    doc = manifests[job]
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    auth = spec.get("authOptions") or {}
+    assert auth.get("mode") == "token", (job, auth)
+    assert auth.get("secretName"), f"{job}: the token's Secret must be named (cluster/README.md)"
+    for name, entry in _env_entries(doc):
+        assert entry["name"] not in {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, \
+            f"{job}/{name}: {entry['name']} is KubeRay's to set from authOptions"
+
+
+def _literal_credentials(value, path: str = "") -> list[str]:
+    """Paths of ``{name: <credential>, value: ...}`` env entries anywhere in ``value``."""
+    from retriever.ops.credentials import is_credential
+
+    found = []
+    if isinstance(value, dict):
+        if is_credential(str(value.get("name", ""))) and "value" in value:
+            found.append(f"{path}/{value['name']}")
+        for key, item in value.items():
+            if isinstance(key, str) and is_credential(key):
+                found.append(f"{path}/{key}")
+            found += _literal_credentials(item, f"{path}/{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _literal_credentials(item, f"{path}[{i}]")
+    return found
+
+
+@pytest.mark.parametrize("job", sorted(RAYJOBS) + ["search"])
+def test_kuberay_manifests_hold_no_literal_credential(manifests, job):
+    """Tokens and keys come from Secrets (secretKeyRef), never a value in the manifest; the
+    runtime envs (shown by the dashboard) carry none at all."""
+    doc = manifests[job]
+    found = _literal_credentials(doc)
+    spec = doc["spec"]
+    if "runtimeEnvYAML" in spec:
+        found += _literal_credentials(yaml.safe_load(spec["runtimeEnvYAML"]), "runtimeEnvYAML")
+    if "serveConfigV2" in spec:
+        found += _literal_credentials(yaml.safe_load(spec["serveConfigV2"]), "serveConfigV2")
+    assert not found, (job, found)
+
+
+def test_search_api_token_comes_from_a_secret(manifests):
+    """Every pod of the search RayService (replicas may land on any) gets the API's bearer
+    token from the Secret llm-retriever-api-token, by secretKeyRef."""
+    from serve.api import TOKEN_ENV
+
+    doc = manifests["search"]
+    containers = [c for _, c in _ray_containers(doc)]
+    for container in containers:
+        entries = [e for e in container.get("env", []) if e["name"] == TOKEN_ENV]
+        assert len(entries) == 1, (container["name"], "no " + TOKEN_ENV)
+        ref = entries[0].get("valueFrom", {}).get("secretKeyRef", {})
+        assert "value" not in entries[0] and ref.get("name") and ref.get("key"), entries[0]
+
+
 @pytest.mark.parametrize("job", sorted(RAYJOBS))
 def test_rayjob_entrypoint_parses_with_the_jobs_own_options(manifests, job):
     import dataclasses

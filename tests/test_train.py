@@ -316,6 +316,10 @@ def test_run_folder_on_s3(s3_env, assets, ray_local, tmp_path):
     from retriever.modeling.registry import local_copy
     from retriever.training.run import train
 
+    # The nodes' own credentials (never a runtime_env value): a local Ray inherits the
+    # environment it starts in, and ray_local started before s3_env set the AWS_* variables.
+    ray_local.shutdown()
+    ray_local.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     examples = store.join(s3_env, "data", "examples.jsonl")
     store.write_bytes(examples, Path(assets["examples"]).read_bytes())
     out = store.join(s3_env, "runs", "tiny", "train")

@@ -12,13 +12,13 @@ refused unless ``replace`` (then rebuilt, its manifest written last).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 from retriever.errors import InputError
 from retriever.index import shards as sh
 from retriever.io import store
+from retriever.ops import local_ray
 
 
 @dataclass
@@ -84,8 +84,7 @@ def ray_runner(workers: int, cpus: float, gpu: str | bool = "auto"):
 
     from retriever.modeling.device import gpus_to_request
 
-    if not ray.is_initialized():  # $RAY_ADDRESS under `ray job submit`, else a local cluster
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+    local_ray.init(log_to_driver=False)  # $RAY_ADDRESS under `ray job submit`, else loopback
     gpus = gpus_to_request(gpu)
 
     def run_all(fn, n, shared):

@@ -36,6 +36,7 @@ from typing import Any, TextIO
 import httpx
 
 from retriever.ops import cluster
+from retriever.ops.credentials import refuse_credentials
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUNTIME_ENV = REPO_ROOT / "cluster" / "runtime_env.yaml"
@@ -178,6 +179,7 @@ def _env_vars(base: dict[str, Any], local: bool, env: dict[str, str]) -> dict[st
     elif store and "://" in store:
         env_vars.setdefault("RETRIEVER_STORE", store)
     env_vars.update(env)
+    refuse_credentials(env_vars, "the job's runtime_env (--env / runtime env file)")
     return env_vars
 
 

@@ -43,6 +43,7 @@ from retriever.io import embeddings, store
 from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
 from retriever.modeling.encoder import (Encoder, EncoderConfig, WeightlessEncoder,
                                         token_budget_batches)
+from retriever.ops import local_ray
 from retriever.errors import InputError
 
 AUX_CPUS = 0.1  # read, tokenize and each write task
@@ -526,14 +527,11 @@ def _warn_local_paths(urls: dict[str, str]) -> None:
 def encode_corpus(corpus: str, options: EncodeOptions, out: str | None = None) -> EncodeResult:
     """Encode ``corpus`` (BEIR folder, JSONL or parquet; any URL) into ``out`` (default
     :func:`default_folder`) on Ray Data, reusing finished shards; joins or starts Ray."""
-    import ray
-
     source = CorpusSource.open(corpus)
     out = out or default_folder(source, options.encoder.model)
     out = out if store.has_scheme(out) else os.path.abspath(out)  # workers have another cwd
     key = shard_key(PassageTokenizer(options.encoder, device="cpu").settings(), options)
-    if not ray.is_initialized():
-        ray.init()
+    local_ray.init()  # $RAY_ADDRESS under `ray job submit`, else a local Ray on loopback
     _warn_local_paths({"--corpus": source.url, "--out": out})
     resources = plan_resources(options)
     done = finished_shards(out, key, verify=options.verify_existing)

@@ -15,16 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retriever.io import store
+from retriever.ops import local_ray
+from retriever.ops.credentials import refuse_credentials
 from retriever.errors import InputError
 from retriever.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 RAY_RUN_NAME = "checkpoints"
-# Store access settings the workers need as the driver has them (they read the examples and
-# write the exports through the same fsspec URLs); only those set in the driver are passed.
-STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+# Where the store is, as the driver has it (workers read the examples and write the exports
+# through the same fsspec URLs); only those set in the driver are passed. Never credentials:
+# a runtime_env is shown by the dashboard, so workers use their node's own (instance role,
+# Kubernetes Secret, or the environment a local Ray inherited from the process starting it).
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
              "RETRIEVER_STORE", "RETRIEVER_CACHE")
 
 
@@ -84,16 +87,12 @@ def ray_storage(url: str) -> tuple[str, Any]:
 
     fs, path = store.filesystem(url)
     if url.startswith(("s3://", "s3a://")):
-        # Ray Train's controller and workers get this filesystem pickled; an s3fs built from
-        # the environment would look for credentials in theirs, so carry the driver's along.
+        # Ray Train's controller and workers get this filesystem pickled: it carries where the
+        # store is, never the driver's keys (each process finds its node's own credentials).
         import s3fs
 
-        options = {k: v for k, v in {
-            "key": os.environ.get("AWS_ACCESS_KEY_ID"),
-            "secret": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            "token": os.environ.get("AWS_SESSION_TOKEN"),
-            "endpoint_url": (os.environ.get("AWS_ENDPOINT_URL_S3")
-                             or os.environ.get("AWS_ENDPOINT_URL"))}.items() if v}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options: dict[str, Any] = {"endpoint_url": endpoint} if endpoint else {}
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             options["client_kwargs"] = {"region_name": region}
@@ -135,8 +134,17 @@ def print_step(step: dict) -> None:
                   + ("  [checkpoint]" if step["checkpoint"] else ""), unit="steps")
 
 
+def worker_env(config: TrainConfig, use_gpu: bool) -> dict[str, str]:
+    """The ``env_vars`` of the training workers' runtime env: device, store location and
+    ``config.worker_env``; a credential there is refused (InputError)."""
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
+           **{k: os.environ[k] for k in STORE_ENV if os.environ.get(k)},
+           **{str(k): str(v) for k, v in (config.worker_env or {}).items()}}
+    refuse_credentials(env, "training worker_env")
+    return env
+
+
 def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -146,15 +154,12 @@ def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):
     # default) and a worker blocks until its previous report is taken: with a report per step,
     # that interval would cap the step rate. Propagated to the controller by Ray Train.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    if not ray.is_initialized():
-        ray.init()
+    local_ray.init()  # $RAY_ADDRESS under `ray job submit`, else a local Ray on loopback
     use_gpu = config.use_gpu if config.use_gpu is not None else cluster_has_gpus(
         config.num_workers)
     storage_path, storage_fs = ray_storage(out)
     payload = {"config": config.to_dict(), "out": out, "train_data": train_data}
-    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
-           **{k: os.environ[k] for k in STORE_ENV if os.environ.get(k)},
-           **{str(k): str(v) for k, v in (config.worker_env or {}).items()}}
+    env = worker_env(config, use_gpu)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
