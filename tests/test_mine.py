@@ -142,3 +142,23 @@ def test_mining_rejects_a_split_without_positives(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(ValueError, match="window"):
         MiningConfig(window_start=10, window_end=10)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("OUTSIDE", "must name a file inside the folder"),  # an absolute path elsewhere
+    ("memory://elsewhere/examples.jsonl", "must name a file inside the folder"),
+    ("../outside.jsonl", "would leave the folder"),
+])
+def test_a_mine_manifest_names_only_a_file_inside_its_folder(tmp_path, name, problem):
+    from retriever.errors import InputError
+    from retriever.training.run import resolve_train_data
+
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"query": "q", "positives": ["p"]}\n')
+    name = str(outside) if name == "OUTSIDE" else name
+    folder = tmp_path / "mined"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"kind": "mined", "examples": name}))
+    with pytest.raises(InputError, match=problem) as error:
+        resolve_train_data(str(folder))
+    assert name in str(error.value)

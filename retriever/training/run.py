@@ -68,7 +68,10 @@ def resolve_train_data(url: str) -> str:
         name = store.read_json(manifest).get("examples")
         if not name:
             raise DataFormatError(manifest, "names no 'examples' file")
-        target = name if store.has_scheme(name) or name.startswith("/") else store.join(url, name)
+        if store.has_scheme(name) or name.startswith(("/", "\\")):  # any URL: refused
+            raise DataFormatError(manifest, f"'examples' {name!r} must name a file inside "
+                                            "the folder, not a URL or an absolute path")
+        target = store.join(url, name)  # refuses '..'
     if not store.exists(target):
         raise DataFormatError(target, "file not found")
     examples = load_training_examples(target)
