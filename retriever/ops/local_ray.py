@@ -11,7 +11,8 @@ is a loopback address, which it only allows while it believes multi-node cluster
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the default on macOS and Windows): that setting is
 in force for this ``ray.init`` and inherited by the processes it starts. The dashboard (and
 its Job API) listens on 127.0.0.1 too. Joining an existing cluster (an address other than
-``local``) changes nothing.
+``local``) changes nothing. Not covered, because Ray hard-codes it: a Ray Serve replica's
+inter-deployment gRPC server listens on ``[::]`` (Ray 2.60).
 """
 
 from __future__ import annotations
