@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from retriever.io import store
+from retriever.modeling import identity
 from retriever.modeling.encoder import Encoder
 from retriever.modeling.registry import ModelNotFound, resolve_model
 from tests.train_fixtures import tiny_bert
@@ -28,6 +29,9 @@ def test_a_model_directory_on_s3_encodes_like_its_local_copy(s3_env, tmp_path, m
     assert resolved.name == url
     assert str(tmp_path / "cache" / "remote") in resolved.path
     assert resolved.defaults == resolve_model(str(local)).defaults  # retriever.json came along
+    # the copy carries the identity of the bytes it copied: the same as the directory's own
+    assert resolved.identity() == identity.compute(local)["identity"]
+    assert identity.stored(resolved.path) is not None
     texts = ["a passage about wings", "another about engines"]
     remote = Encoder(model=url, dtype="float32").encode_passages(texts)
     near = Encoder(model=str(local), dtype="float32").encode_passages(texts)

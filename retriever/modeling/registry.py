@@ -15,7 +15,13 @@ A directory may carry ``retriever.json`` (written by the training export) with t
 settings it was trained with; those become its defaults. A directory in object storage
 (``s3://.../train/merged`` as a training run on a cluster writes it) is copied once into
 ``$RETRIEVER_CACHE/remote/`` (:func:`local_copy`) and loaded from there; it is fetched again
-when the remote listing (names, sizes, ETags / modification times) changes.
+when the remote listing (names, sizes, ETags / modification times) or its ``identity.json``
+changes.
+
+Every model directory has a content identity (sha256 of each file, stored in ``identity.json``
+by whoever writes the directory, computed when missing: ``retriever.modeling.identity``);
+``ResolvedModel.identity()`` / ``fingerprint()`` return it, and the caches keyed by a model
+(embeddings, evaluation cells, remote copies) use it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,8 +37,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from retriever.errors import InputError
+from retriever.modeling.identity import (IDENTITY_FILE, directory_identity, is_safe_relative,
+                                            parse, write_identity)
 
 SETTINGS_FILE = "retriever.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,22 +109,17 @@ class ResolvedModel:
     adapter_path: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def identity(self) -> str:
+        """The full content identity (sha256 hex) of the weights directory and the adapter's
+        (``retriever.modeling.identity``): what every cache of this model is keyed by."""
+        parts = [directory_identity(d) for d in filter(None, [self.path, self.adapter_path])]
+        if len(parts) == 1:
+            return parts[0]
+        return hashlib.sha256(":".join(parts).encode()).hexdigest()
+
     def fingerprint(self) -> str:
-        """A short content hash of the weights (and adapter), for manifests and cache keys."""
-        digest = hashlib.sha256()
-        for directory in filter(None, [self.path, self.adapter_path]):
-            for file in sorted(Path(directory).glob("*")):
-                if file.suffix in (".safetensors", ".json", ".bin") and file.is_file():
-                    stat = file.stat()
-                    digest.update(f"{file.name}:{stat.st_size}".encode())
-                    if file.name.endswith(".json"):
-                        digest.update(file.read_bytes())
-                    else:  # first and last MiB: cheap, and enough to tell weights apart
-                        with open(file, "rb") as handle:
-                            digest.update(handle.read(1 << 20))
-                            handle.seek(max(0, stat.st_size - (1 << 20)))
-                            digest.update(handle.read())
-        return digest.hexdigest()[:16]
+        """The identity shortened to 16 hex digits, for manifests (``model_hash``) and names."""
+        return self.identity()[:16]
 
 
 class ModelNotFound(InputError):
@@ -174,6 +180,7 @@ def _convert_gguf(model: PackagedModel, target: Path) -> None:
             (staging / SETTINGS_FILE).write_text(json.dumps(
                 {"defaults": asdict(model.defaults), "source": model.description,
                  "gguf_sha256": model.gguf.sha256}, indent=2))
+            write_identity(staging)
             shutil.rmtree(target, ignore_errors=True)  # a conversion of other GGUF bytes
             os.replace(staging, target)
 
@@ -194,6 +201,8 @@ def _packaged_path(model: PackagedModel) -> Path:
     target = cache_root() / "models" / model.name
     if not _converted(model, target):
         _convert_gguf(model, target)
+    elif not (target / IDENTITY_FILE).exists():
+        write_identity(target)  # a conversion cached before identities: hash it once
     return target
 
 
@@ -225,6 +234,16 @@ def _infer_defaults(path: Path, config: dict) -> EncoderDefaults:
     return EncoderDefaults(pooling="cls", query_max_length=512, passage_max_length=512)
 
 
+def _relative_key(name: str, root: str, url: str) -> str:
+    """A listed object's path below ``root``; one that would leave it is refused (the copy
+    writes ``staging / key``)."""
+    key = name[len(root) + 1:] if name.startswith(root + "/") else ""
+    if not is_safe_relative(key):
+        raise ModelNotFound(f"model {url!r}: the listing returned {name!r}, which is not a "
+                            f"path below {root!r}; refusing to copy it")
+    return key
+
+
 def _remote_listing(fs, root: str, url: str) -> list[list]:
     """[relative name, size, version] of every file under ``root``, by name; the version is
     the object's ETag (S3) or modification time, so a rewrite of the same size still shows."""
@@ -237,27 +256,58 @@ def _remote_listing(fs, root: str, url: str) -> list[list]:
     if not infos:
         raise ModelNotFound(f"model {url!r}: no such directory (or it is empty)")
     version = ("ETag", "mtime", "LastModified", "created")
-    return sorted([info["name"][len(root) + 1:], int(info.get("size") or 0),
+    return sorted([_relative_key(info["name"], root, url), int(info.get("size") or 0),
                    str(next((info[key] for key in version if info.get(key)), ""))]
                   for info in infos)
+
+
+def _remote_identity(fs, root: str, listing: list[list]) -> dict | None:
+    """The store's ``identity.json`` record for the directory, if it has a well-formed one."""
+    if not any(name == IDENTITY_FILE for name, _, _ in listing):
+        return None
+    return parse(fs.cat_file(f"{root}/{IDENTITY_FILE}").decode("utf-8", "replace"))
+
+
+def _download(fs, root: str, listing: list[list], staging: Path, remote: dict | None) -> None:
+    """Copy every listed file into ``staging``, then write the copy's own ``identity.json``
+    from the bytes that arrived (warning when they differ from the store's record)."""
+    for name, _, _ in listing:
+        destination = staging / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{root}/{name}", str(destination))
+    write_identity(staging)
+    if remote is not None:
+        copied = json.loads((staging / IDENTITY_FILE).read_text())["files"]
+        differ = sorted(name for name in set(copied) | set(remote["files"])
+                        if copied.get(name) != remote["files"].get(name))
+        if differ:
+            log.warning("model %s/%s: the copied files %s differ from the store's %s (being "
+                        "rewritten?); the copy is identified by its own bytes", root,
+                        IDENTITY_FILE, differ[:5], IDENTITY_FILE)
 
 
 def local_copy(url: str) -> Path:
     """A local copy of the model directory at fsspec ``url``: the one way a model in the store
     reaches this machine.
 
-    Copies live under ``$RETRIEVER_CACHE/remote/``, keyed by the URL and the remote listing
-    (names, sizes, ETags or modification times): an unchanged directory is never fetched
-    again, a changed one is fetched into a new copy, so a copy another process is loading is
-    never replaced under it. A copy appears whole (staged, then renamed) or not at all.
+    Copies live under ``$RETRIEVER_CACHE/remote/``, keyed by the URL, the remote listing
+    (names, sizes, ETags or modification times) and the directory's stored content identity
+    (``identity.json``, see ``retriever.modeling.identity``): an unchanged directory is never
+    fetched again; a changed one (even with the same names and sizes, on a store that gives no
+    versions) is fetched into a new copy, so a copy another process is loading is never
+    replaced under it. A copy appears whole (staged, then renamed) or not at all, with its own
+    ``identity.json`` computed from the bytes copied. A listed path that would leave the
+    directory (absolute, ``..``) is refused.
     """
     from retriever.io import store
 
     fs, root = store.filesystem(url)
     root = root.rstrip("/")
     listing = _remote_listing(fs, root, url)
+    remote = _remote_identity(fs, root, listing)
     url_key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    content_key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    content = {"listing": listing, "identity": remote and remote["identity"]}
+    content_key = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
     target = cache_root() / "remote" / f"{url_key}-{content_key}"
     marker = target / ".listing.json"
     if marker.exists():
@@ -265,11 +315,8 @@ def local_copy(url: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
-        for name, _, _ in listing:
-            destination = staging / name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{root}/{name}", str(destination))
-        (staging / marker.name).write_text(json.dumps(listing))
+        _download(fs, root, listing, staging, remote)
+        (staging / marker.name).write_text(json.dumps(content))
         try:
             os.replace(staging, target)  # a reader never sees a half-copied model
         except OSError:

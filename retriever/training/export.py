@@ -8,9 +8,12 @@ Both load with ``resolve_model`` / ``retriever eval --model DIR`` / the encode j
 - merged: the base with the LoRA update folded into its weights (``save_pretrained``,
   safetensors), the tokenizer, and ``retriever.json``.
 
+Each directory gets ``identity.json`` last (the sha256 of every file in it,
+``retriever.modeling.identity``): its content identity, which the model caches key by.
 Directories are written locally, then copied file by file into the store (any fsspec URL),
-``retriever.json`` last, so a directory with that file is complete. Reading one back goes
-through the model cache (``retriever.modeling.registry.local_copy`` / ``resolve_model``).
+``retriever.json`` and then ``identity.json`` last, so a directory with them is complete.
+Reading one back goes through the model cache (``retriever.modeling.registry.local_copy`` /
+``resolve_model``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from retriever.io import store
+from retriever.modeling.identity import IDENTITY_FILE, write_identity
 from retriever.modeling.registry import SETTINGS_FILE, EncoderDefaults, write_settings
 
 
@@ -41,6 +45,7 @@ def write_adapter(directory: str | Path, peft_model, weights: dict[str, torch.Te
     config.save_pretrained(str(directory))
     if defaults is not None:
         write_settings(directory, defaults, base_model=base_model, **extra)
+    write_identity(directory)
 
 
 def load_adapter_weights(directory: str | Path, peft_model) -> dict[str, torch.Tensor]:
@@ -69,14 +74,16 @@ def merge_adapter(adapter_dir: str | Path, base_path: str, out_dir: str | Path,
     model.save_pretrained(str(out_dir), safe_serialization=True)
     AutoTokenizer.from_pretrained(base_path).save_pretrained(str(out_dir))
     write_settings(out_dir, defaults, merged_from=base_model, **extra)
+    write_identity(out_dir)
 
 
 def upload_dir(local: str | Path, url: str) -> None:
-    """Copy a local directory tree into the store; ``retriever.json`` and manifests last."""
+    """Copy a local directory tree into the store; ``retriever.json`` and manifests, then
+    ``identity.json`` last."""
     local = Path(local)
     files = sorted(p for p in local.rglob("*") if p.is_file())
-    last = {SETTINGS_FILE, "manifest.json"}
-    for path in sorted(files, key=lambda p: (p.name in last, str(p))):
+    last = {SETTINGS_FILE: 1, "manifest.json": 1, IDENTITY_FILE: 2}
+    for path in sorted(files, key=lambda p: (last.get(p.name, 0), str(p))):
         rel = path.relative_to(local).as_posix()
         with open(path, "rb") as src, store.open_write(store.join(url, rel), "wb") as dst:
             while chunk := src.read(1 << 24):
