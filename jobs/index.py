@@ -35,7 +35,8 @@ def describe(manifest: dict) -> str:
                      f"{recall['queries_from']}): {recall['value']:.4f} at {recall['param']}="
                      f"{recall['chosen']} (target {recall['target']}); {recall['param']} -> "
                      f"recall: {curve}")
-    lines.append(f"wrote {manifest['out']}/manifest.json")
+    lines.append(f"{'reused' if manifest.get('reused') else 'wrote'} {manifest['out']}"
+                 "/manifest.json")
     return "\n".join(lines)
 
 

@@ -50,6 +50,64 @@ def test_matrix_report_equals_single_runs_and_reuses(tmp_path, monkeypatch, ray_
     assert [r.metrics["ndcg@10"] for r in again] == [r.metrics["ndcg@10"] for r in records]
 
 
+def _tiny_dataset(folder, docs=30, queries=4) -> str:
+    """A BEIR folder: ``docs`` short documents, ``queries`` queries judging one doc each."""
+    words = ["ray", "index", "shard", "query", "vector", "model", "corpus", "score"]
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(
+        {"_id": f"d{i:02d}", "title": "", "text": f"{words[i % 8]} {words[i * 3 % 8]} {i}"})
+        + "\n" for i in range(docs)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(
+        {"_id": f"q{i}", "text": f"{words[i]} {words[i * 3 % 8]}"}) + "\n"
+        for i in range(queries)))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i:02d}\t1\n" for i in range(queries)))
+    return str(folder)
+
+
+def test_report_mean_and_t_test_read_the_same_unrounded_per_query_values(tmp_path):
+    from retriever.evaluation import matrix_report, runner
+    from retriever.evaluation.matrix import finished
+    from retriever.io.formats import load_dataset
+
+    path = _tiny_dataset(tmp_path / "tiny")
+    config = runner.MatrixConfig(models=["bm25"], datasets=[path], out=str(tmp_path / "out"))
+    data = load_dataset(path, "test")
+    cell = runner.plan_cell(config, ModelSpec.parse("bm25"), DatasetSpec.parse(path),
+                            data.files, config.out)
+    # At run.trec's 6 decimals d00 and d01 tie for q0, and a tie goes to the larger doc id.
+    run = {"q0": [("d00", 0.5000004), ("d01", 0.5000001)], "q1": [("d01", 0.3), ("d05", 0.2)]}
+    record = runner.write_cell(cell, data, run, {}, 0.0)
+    ndcg = matrix_report.ndcg_cells([record])["tiny"]["bm25"]
+    assert ndcg.per_query["q0"] == 1.0 and ndcg.per_query["q1"] == 1.0
+    assert ndcg.value == sum(ndcg.per_query.values()) / len(ndcg.per_query)
+    assert ndcg.value == record.metrics["ndcg@10"] == finished(cell.folder, cell.key)["ndcg@10"]
+
+
+def test_matrices_share_store_artefacts_and_rerun_after_out_is_deleted(tmp_path, monkeypatch,
+                                                                         ray_local):
+    import shutil
+
+    monkeypatch.setenv("RETRIEVER_STORE", str(tmp_path / "store"))
+    model = {"name": "minilm", "model": "minilm", "passage_max_length": 32}
+    tiny = _tiny_dataset(tmp_path / "tiny", docs=20, queries=2)
+
+    def matrix(name):
+        return evaluate.run(evaluate.MatrixConfig(models=[model], datasets=[tiny],
+                                                  matrix_id=name, out=str(tmp_path / name)))[0][0]
+
+    first = matrix("a")
+    index = json.loads(next((tmp_path / "store" / "indexes").rglob("manifest.json"))
+                       .read_text())
+    second = matrix("b")  # another matrix sharing the (model, dataset) cell
+    shutil.rmtree(tmp_path / "a")
+    again = matrix("a")
+    assert [first.reused, second.reused, again.reused] == [False, False, False]
+    assert first.metrics["ndcg@10"] == second.metrics["ndcg@10"] == again.metrics["ndcg@10"]
+    manifests = list((tmp_path / "store" / "indexes").rglob("manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text()) == index  # reused
+
+
 def test_matrix_entries_are_validated():
     assert ModelSpec.parse("minilm").name == "minilm"
     spec = ModelSpec.parse({"name": "zs", "model": "smollm2-135m", "prompt": "one-word"})

@@ -7,7 +7,7 @@ A dataset entry is a path/URL or a mapping with ``name``, ``path`` and ``split``
 
 A run's key hashes the model spec, the model weights' fingerprint, the dataset files' sizes and
 checksums, and the retrieval settings; a finished run (``provenance.json`` holding the same key
-next to ``metrics.json``) is reused instead of recomputed.
+next to ``metrics.json``, ``per_query.json`` and ``run.trec``) is reused instead of recomputed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, fields
 
 from retriever.io import store
 from retriever.errors import InputError
+
+# A cell's per-query metric values ({metric: {query id: value}}), unrounded.
+PER_QUERY = "per_query.json"
 
 
 def _encoder_options() -> set[str]:
@@ -111,8 +114,9 @@ def finished(folder: str, key: str) -> dict | None:
     """The stored metrics if ``folder`` holds a complete run with this key, else None."""
     provenance_url = store.join(folder, "provenance.json")
     metrics_url = store.join(folder, "metrics.json")
-    if not (store.exists(provenance_url) and store.exists(metrics_url)
-            and store.exists(store.join(folder, "run.trec"))):
+    if not all(store.exists(url) for url in (provenance_url, metrics_url,
+                                             store.join(folder, "run.trec"),
+                                             store.join(folder, PER_QUERY))):
         return None
     if store.read_json(provenance_url).get("key") != key:
         return None

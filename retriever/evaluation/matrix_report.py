@@ -1,34 +1,29 @@
 """The evaluation matrix's report: ``report.md``, ``ndcg.png`` and ``report.html``.
 
 In: the matrix's config and its :class:`~retriever.evaluation.matrix.RunRecord` s (each cell's
-``metrics.json``, ``run.trec``, ``provenance.json``). Out: NDCG@10 (with a paired t-test
+``metrics.json``, ``per_query.json``, ``provenance.json``). Out: NDCG@10 (with a paired t-test
 against the baseline), MRR@10 and Recall@100 tables, the encoding throughput table and a bar
 chart, written under the matrix's output folder; returns the tables as markdown.
 """
 
 from __future__ import annotations
 
-from retriever.evaluation.matrix import DatasetSpec, ModelSpec, RunRecord
+from retriever.evaluation.matrix import PER_QUERY, ModelSpec, RunRecord
 from retriever.io import store
 
 OTHER_METRICS = {"mrr@10": "MRR@10", "recall@100": "Recall@100"}
 
 
-def ndcg_cells(config, records: list[RunRecord]) -> dict:
-    """dataset -> model -> Cell(NDCG@10, per-query NDCG@10) for the t-test."""
-    from retriever.evaluation.metrics import per_query
+def ndcg_cells(records: list[RunRecord]) -> dict:
+    """dataset -> model -> Cell(NDCG@10, per-query NDCG@10): the table's mean and the
+    t-test's values both come from the cell's unrounded ``per_query.json``."""
     from retriever.evaluation.report import Cell
-    from retriever.index.ranking import read_trec
-    from retriever.io.formats import load_dataset
 
-    specs = {DatasetSpec.parse(d).name: DatasetSpec.parse(d) for d in config.datasets}
     results: dict = {}
     for record in records:
-        spec = specs[record.dataset]
-        qrels = load_dataset(spec.path, spec.split).qrels
-        scores = per_query(qrels, read_trec(store.join(record.folder, "run.trec")))["ndcg@10"]
-        results.setdefault(record.dataset, {})[record.model] = Cell(record.metrics["ndcg@10"],
-                                                                   scores)
+        scores = store.read_json(store.join(record.folder, PER_QUERY))["ndcg@10"]
+        mean = sum(scores.values()) / len(scores) if scores else 0.0  # as metrics.evaluate
+        results.setdefault(record.dataset, {})[record.model] = Cell(mean, scores)
     return results
 
 
@@ -48,7 +43,7 @@ def write_report(config, records: list[RunRecord], out: str) -> str:
                                              throughput_table)
 
     models = [ModelSpec.parse(m).name for m in config.models]
-    results = ndcg_cells(config, records)
+    results = ndcg_cells(records)
     baseline = config.baseline if config.baseline in models else None
     tables = [("NDCG@10", markdown_table(results, models, "ndcg@10", baseline))]
     for metric, title in OTHER_METRICS.items():

@@ -1,11 +1,13 @@
 """Run an evaluation matrix on the cluster: every (model, dataset) cell, reused when finished.
 
 In: a :class:`MatrixConfig`. Out: one :class:`RunRecord` per cell, each written as
-``metrics.json``, ``run.trec`` and ``provenance.json`` under ``<out>/<model>/<dataset>/``, and
+``per_query.json``, ``metrics.json``, ``run.trec`` and ``provenance.json`` under
+``<out>/<model>/<dataset>/``, and
 the report (``retriever.evaluation.matrix_report``). A dense cell encodes the corpus on Ray
 Data (``retriever.pipelines.encode``) and builds its index (``retriever.index.build``); BM25
 and the dense query encoding plus search run as Ray tasks. A finished cell (same key) is read
-back instead of recomputed.
+back instead of recomputed; embeddings and indexes under the store root are shared by
+matrices, reused when their identity matches and rebuilt in place when it does not.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from retriever import console
-from retriever.evaluation.matrix import (DatasetSpec, ModelSpec, RunRecord, cell_key,
-                                         dataset_fingerprint, finished)
+from retriever.evaluation.matrix import (PER_QUERY, DatasetSpec, ModelSpec, RunRecord,
+                                         cell_key, dataset_fingerprint, finished)
 from retriever.io import store
 
 @dataclass
@@ -110,8 +112,9 @@ def dense_run(config: MatrixConfig, cell: Cell, queries: dict, root: str
                       "padding_fraction": encoded.padding_fraction}
     index_folder = store.join(root, "indexes", f"{spec.name}-{cell.data_hash}", named,
                               f"{config.index_type}-{config.shards}")
+    # Shared by matrices: reused when built from these embeddings, else rebuilt in place.
     build_index(IndexBuildConfig(embeddings=emb_folder, out=index_folder, shards=config.shards,
-                                 type=config.index_type))
+                                 type=config.index_type, replace=True))
     hits = ray.get(ray.remote(num_cpus=0.5)(_search_task).remote(
         index_folder, model.model, model.encoder_options(), list(queries.values()),
         config.top_k, config.allow_asymmetric_encoder))
@@ -124,10 +127,7 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
     """One cell: read back when finished, else run, score and write it."""
     import ray
 
-    from retriever.evaluation.runs import score_run
-    from retriever.index.ranking import write_trec
     from retriever.io.formats import load_dataset
-    from retriever.provenance import code_version, now
 
     dataset = load_dataset(spec.path, spec.split)
     cell = plan_cell(config, model, spec, dataset.files, out)
@@ -141,16 +141,30 @@ def run_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, root: st
                                                                    config.top_k))
     else:
         run, throughput, artefacts = dense_run(config, cell, dataset.judged_queries(), root)
+    return write_cell(cell, dataset, run, {"throughput": throughput, **artefacts}, started)
+
+
+def write_cell(cell: Cell, dataset, run: dict, provenance: dict, started: float) -> RunRecord:
+    """Score ``run`` once and write the cell: ``per_query.json`` (every judged query's value
+    of each metric, unrounded: the report's means and t-test both read it), ``metrics.json``
+    (their means), ``run.trec`` and ``provenance.json`` (last: it marks the cell finished)."""
+    from retriever.evaluation.metrics import per_query
+    from retriever.evaluation.runs import score_run
+    from retriever.index.ranking import write_trec
+    from retriever.provenance import code_version, now
+
+    model, spec = cell.model, cell.spec
     result = score_run(dataset, run)
     result.update({"dataset": spec.name, "model": model.name, "split": spec.split,
                    "settings": cell.settings, "seconds": time.time() - started})
+    store.write_json(store.join(cell.folder, PER_QUERY), per_query(dataset.qrels, run))
     write_trec(run, store.join(cell.folder, "run.trec"), tag=model.name)
     store.write_json(store.join(cell.folder, "metrics.json"), result)
     store.write_json(store.join(cell.folder, "provenance.json"), {
         "key": cell.key, "model": model.model, "model_options": model.encoder_options(),
         "model_hash": cell.model_hash, "dataset": spec.path, "dataset_hash": cell.data_hash,
-        "dataset_files": dataset.files, "settings": cell.settings, "throughput": throughput,
-        **artefacts, "code_version": code_version(), "created": now()})
+        "dataset_files": dataset.files, "settings": cell.settings, **provenance,
+        "code_version": code_version(), "created": now()})
     return RunRecord(model.name, spec.name, cell.folder, cell.key, False, result)
 
 
