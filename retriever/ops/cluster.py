@@ -486,3 +486,28 @@ def status(state_path: str | os.PathLike | None = None) -> dict[str, Any]:
     with contextlib.suppress(Exception):
         info["alive_nodes"] = len(alive_nodes(cluster.dashboard_url))
     return info
+
+
+def stop_node(role: str, state_path: str | os.PathLike | None = None,
+              sig: int = signal.SIGKILL) -> list[int]:
+    """Stop ONE node (``"worker_0"``, ...) of the cluster in ``state_path``, the rest running.
+
+    ``sig`` goes to every process of the node's session at once -- the ``ray start`` leader,
+    its raylet, object store, agents and the Ray workers on it -- so with SIGKILL (the
+    default) the node is lost as a crashed machine would be, without a goodbye to the GCS.
+    Returns the pids signalled. The node stays in the state file: :func:`down` skips it.
+    """
+    cluster = load_state(state_path)
+    if cluster is None:
+        raise ClusterError(f"no local cluster recorded in {state_path or default_state_path()}")
+    node = next((n for n in cluster.nodes if n.role == role), None)
+    if node is None:
+        raise ClusterError(f"the local cluster has no node {role!r} "
+                           f"(nodes: {', '.join(n.role for n in cluster.nodes)})")
+    if _pid_alive(node.pid) and not _is_ours(node):
+        return []  # the leader's pid now names another process: its session is not ours
+    pids = _members(node.pid)
+    _kill_all(pids, sig)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(node.pid, os.WNOHANG)
+    return pids

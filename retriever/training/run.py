@@ -8,6 +8,7 @@ one per worker (nccl); otherwise the workers run on CPU (gloo).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -119,11 +120,26 @@ def progress_callback(queue):
         def after_report(self, run_context, metrics, checkpoint):
             first = metrics[0] if metrics else {}
             if "step" in first:
-                queue.put_nowait({k: first.get(k) for k in
-                                  ("step", "total_steps", "loss", "lr", "samples_per_s",
-                                   "resumed_from")} | {"checkpoint": checkpoint is not None})
+                summary = {k: first.get(k) for k in ("step", "total_steps", "loss", "lr",
+                                                     "samples_per_s", "resumed_from")}
+                # Progress is best effort: a full or lost queue must not fail the run.
+                with contextlib.suppress(Exception):
+                    queue.put_nowait(summary | {"checkpoint": checkpoint is not None})
 
     return StepProgress()
+
+
+def progress_queue():
+    """The queue for :func:`progress_callback`, on the driver's node: left to the scheduler it
+    may land on a worker node, and losing that node would lose the progress with it."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        ray.init()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def print_step(step: dict) -> None:
@@ -209,9 +225,9 @@ def train(config: TrainConfig, progress=None) -> TrainResult:
     if progress is None:
         result = build_trainer(config, out, train_data).fit()
     else:
-        from ray.util.queue import Empty, Queue
+        from ray.util.queue import Empty
 
-        queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        queue = progress_queue()
         finished = threading.Event()
 
         def drain():
