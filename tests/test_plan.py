@@ -153,3 +153,24 @@ def test_python_dash_m_works():
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["results"]["embedding_bytes"] == 1e6 * 3584 * 2
+
+
+def test_yaml_config_takes_counts_as_text(tmp_path, capsys):
+    path = tmp_path / "plan.yaml"
+    path.write_text("docs: 8.8M\nmodel: none\nparams: 300k\ndims: 1024\nindex: flat\n")
+    r = run_json(capsys, "--config", str(path))
+    assert r["embedding_bytes"] == 8.8e6 * 1024 * 2
+    # Flags win over the file.
+    assert run_json(capsys, "--config", str(path), "--docs", "1e6")["embedding_bytes"] == (
+        1e6 * 1024 * 2)
+
+
+@pytest.mark.parametrize("line, key", [("docs: 8.8X", "docs"), ("dtype: fp9", "dtype")])
+def test_bad_yaml_value_names_its_key(tmp_path, capsys, line, key):
+    path = tmp_path / "plan.yaml"
+    path.write_text(("docs: 1e6\n" if key != "docs" else "") + line + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        plan_job.main(["--config", str(path)])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err.split("error:", 1)[1]  # not the usage lines
+    assert key in message and line.split(": ")[1] in message

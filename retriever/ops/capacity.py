@@ -179,34 +179,66 @@ DEFAULT_MEMORY_FRACTION = 0.6
 DEFAULT_AVG_TOKENS = 256  # a passage truncated at 512 tokens averages well below it
 
 
+def _help(text: str, **more: Any) -> Any:
+    """Field metadata: the option's help text (``retriever plan --help``) and more keys."""
+    return {"help": text, **more}
+
+
 @dataclass
 class PlanConfig:
-    """Everything the plan depends on. ``None`` means "take it from the tables"."""
+    """Everything the plan depends on. ``None`` means "take it from the tables".
 
-    docs: float
-    model: str | None = "qwen2.5-7b"
-    params: float | None = None  # overrides the model's non-embedding parameter count
-    dims: int | None = None  # defaults to the model's hidden size
-    avg_tokens: float = DEFAULT_AVG_TOKENS
-    dtype: str = "fp16"  # embedding storage (and flat index) dtype
-    index: str = "ivfpq"
-    pq_m: int = 64  # IVF-PQ code bytes per vector (nbits=8); must divide dims
-    pq_nbits: int = 8
-    nlist: int | None = None
-    nprobe: int = 64
-    hnsw_m: int = 32
-    node_type: str = "r7i.16xlarge"  # search / index shard node
-    node_memory_gib: float | None = None
-    node_price: float | None = None
-    memory_fraction: float = DEFAULT_MEMORY_FRACTION
-    gpu: str = "a100"
-    gpu_price: float | None = None  # USD per GPU-hour
-    mfu: float = DEFAULT_MFU
-    docs_per_second: float | None = None  # measured, per GPU: overrides the FLOPs estimate
-    encode_gpus: int = 8
-    replicas: int = 1
+    Counts (``docs``, ``params``) may be given as text (``1e9``, ``8.8M``, ``500k``, see
+    :func:`parse_count`); ``model`` ``none``/``custom`` means none (then give params and dims)."""
+
+    docs: float | str = field(metadata=_help("number of documents (1e9, 8.8M, 500k)"))
+    model: str | None = field(default="qwen2.5-7b", metadata=_help(
+        "backbone from the table; 'none' with --params/--dims"))
+    params: float | str | None = field(default=None, metadata=_help(
+        "non-embedding parameter count (overrides the model's), e.g. 6.53e9"))
+    dims: int | None = field(default=None, metadata=_help(
+        "embedding dimension (default: hidden size)"))
+    avg_tokens: float = field(default=DEFAULT_AVG_TOKENS, metadata=_help(
+        "mean tokens per document after truncation"))
+    dtype: str = field(default="fp16", metadata=_help(
+        "embedding storage dtype", choices=sorted(DTYPE_BYTES)))
+    index: str = field(default="ivfpq", metadata=_help("index type", choices=INDEX_TYPES))
+    pq_m: int = field(default=64, metadata=_help(
+        "IVF-PQ bytes per code; must divide dims"))
+    pq_nbits: int = field(default=8, metadata=_help("IVF-PQ bits per code"))
+    nlist: int | None = field(default=None, metadata=_help(
+        "IVF lists (default next_pow2(4 sqrt N))"))
+    nprobe: int = field(default=64, metadata=_help("IVF lists searched per query"))
+    hnsw_m: int = field(default=32, metadata=_help("HNSW neighbours per node"))
+    node_type: str = field(default="r7i.16xlarge", metadata=_help(
+        "node type holding index shards"))
+    node_memory_gib: float | None = field(default=None, metadata=_help("override node memory"))
+    node_price: float | None = field(default=None, metadata=_help("override node USD/hour"))
+    memory_fraction: float = field(default=DEFAULT_MEMORY_FRACTION, metadata=_help(
+        "share of node RAM for the index"))
+    gpu: str = field(default="a100", metadata=_help("encode GPU"))
+    gpu_price: float | None = field(default=None, metadata=_help("USD per GPU-hour override"))
+    mfu: float = field(default=DEFAULT_MFU, metadata=_help(
+        "model FLOPs utilisation for the FLOPs estimate"))
+    docs_per_second: float | None = field(default=None, metadata=_help(
+        "measured encode throughput per GPU; replaces the FLOPs estimate"))
+    encode_gpus: int = field(default=8, metadata=_help("GPUs encoding in parallel"))
+    replicas: int = field(default=1, metadata=_help("replicas of each index shard"))
 
     def __post_init__(self) -> None:
+        self.normalise()
+        self.check()
+
+    def normalise(self) -> None:
+        """Counts given as text to numbers, names to lower case, model ``none`` to None."""
+        self.docs = _count("docs", self.docs)
+        self.params = None if self.params is None else _count("params", self.params)
+        model = None if self.model is None else str(self.model).lower()
+        self.model = None if model in (None, "none", "custom", "") else model
+        self.gpu = str(self.gpu).lower()
+
+    def check(self) -> None:
+        """Raises ValueError for values no plan can be made from."""
         if self.docs <= 0:
             raise ValueError("docs must be > 0")
         if self.model is not None and self.model not in MODELS and self.params is None:
@@ -299,6 +331,14 @@ def human_bytes(n: float) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.2f} MB ({n / 2**20:.2f} MiB)"
     return f"{num(n)} B"
+
+
+def _count(key: str, value: str | float | int) -> float:
+    """:func:`parse_count`, its error naming the option ``key``."""
+    try:
+        return parse_count(value)
+    except ValueError:
+        raise ValueError(f"{key}: {value!r} is not a count (1e9, 8.8M, 500k)") from None
 
 
 def parse_count(text: str | float | int) -> float:
