@@ -17,11 +17,16 @@ The shards are held by searchers (``shard_groups``: one ShardSearcher deployment
 usually one shard each). Every searcher is asked concurrently, each under its own timeout; the
 shards of a searcher that errs or does not answer in time are left out and named
 (``"partial": true``, ``"missing_shards"``, ``"errors"``): a shard failure never turns into a
-5xx. Bad requests get a 4xx whose
-``detail`` says what is wrong: 400 (not JSON / not an object), 413 (body or query too large),
-422 (missing, unknown or mistyped fields, empty query, top_k out of range, wrong vector
-dimension). When ``RETRIEVER_API_TOKEN`` is set every endpoint but ``/healthz`` wants
-``Authorization: Bearer <token>`` (401 otherwise).
+5xx, and its exception stays in the server log (the answer names the shard and a generic
+reason). Bad requests get a 4xx whose ``detail`` says what is wrong: 400 (not JSON, nested too
+deeply, not an object, a bad Content-Length), 413 (body or query too large: a declared
+Content-Length over the limit is refused before the body is read, a chunked body as soon as it
+passes the limit), 422 (missing, unknown or mistyped fields, empty query, top_k out of range,
+wrong vector dimension). When ``RETRIEVER_API_TOKEN`` is set ``/info`` and ``/search`` want
+``Authorization: Bearer <token>`` (401 otherwise); ``/healthz`` and the page ``/`` do not (a
+browser cannot send a header when it opens a page: the page asks for the token, keeps it for
+the tab and sends it with each call). ``/info`` names the model by its id (a local directory by
+its last path component, never its path) and its weights identity (``model_hash``).
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import numpy as np
@@ -44,6 +50,9 @@ from retriever.index.ranking import Hit, merge
 
 TOKEN_ENV = "RETRIEVER_API_TOKEN"
 PAGE = Path(__file__).with_name("page.html")
+SHARD_FAILED = "failed; the error is in the server log"
+# In a Serve replica this logger goes to the replica's log file; in-process, to the root's.
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -128,6 +137,24 @@ def parse_search(body: bytes, settings: ApiSettings, dim: int) -> SearchRequest:
     return SearchRequest(top_k=top_k, vector=_vector(payload["vector"], dim))
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to pass ``limit`` bytes: by its
+    declared Content-Length before any of it is read, else while it streams in (chunked)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        declared = declared.strip()
+        if not declared.isdigit():
+            raise ApiError(400, f"Content-Length {declared[:40]!r} is not a byte count")
+        if len(declared) > 18 or int(declared) > limit:
+            raise ApiError(413, f"request body is {declared[:40]} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is over {limit} bytes; the limit is {limit}")
+    return bytes(body)
+
+
 def _json_object(body: bytes, settings: ApiSettings) -> dict:
     """The body as a JSON object (413 when too large, 400 when not JSON or not an object)."""
     if len(body) > settings.max_body_bytes:
@@ -137,6 +164,8 @@ def _json_object(body: bytes, settings: ApiSettings) -> dict:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the body is not valid JSON: {err}") from None
+    except RecursionError:  # the C parser recurses once per level of [ or {
+        raise ApiError(400, "the body nests arrays or objects too deeply") from None
     if not isinstance(payload, dict):
         raise ApiError(400, f"the body must be a JSON object like {{\"query\": \"...\", "
                             f"\"top_k\": 10}}, got {_kind(payload)}")
@@ -177,7 +206,11 @@ def _vector(vector: Any, dim: int) -> np.ndarray:
         raise ApiError(422, f"vector[{bad}] must be a number, got {_kind(vector[bad])}")
     if len(vector) != dim:
         raise ApiError(422, f"vector has {len(vector)} dimensions; the index has {dim}")
-    array = np.asarray(vector, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore"):  # past float32's range is inf, refused below
+            array = np.asarray(vector, dtype=np.float64).astype(np.float32)
+    except OverflowError:  # an integer literal past float64's range
+        array = np.asarray([np.inf], dtype=np.float32)
     if not np.isfinite(array).all():
         raise ApiError(422, "vector holds a non-finite number (NaN or infinity)")
     return array
@@ -185,7 +218,9 @@ def _vector(vector: Any, dim: int) -> np.ndarray:
 
 async def fan_out(calls: Sequence[Callable[[], Awaitable[Any]]], names: Sequence[str],
                   timeout_s: float) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run every call concurrently, each under ``timeout_s``: (answers, errors) by name."""
+    """Run every call concurrently, each under ``timeout_s``: (answers, errors) by name. An
+    exception is logged with its name; its error is "<name> failed; ..." (exception texts
+    hold paths and internals that callers must not see)."""
 
     async def one(name: str, call: Callable[[], Awaitable[Any]]):
         pending = None
@@ -203,8 +238,8 @@ async def fan_out(calls: Sequence[Callable[[], Awaitable[Any]]], names: Sequence
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - a shard failure is reported, never raised
-            text = str(err).strip().splitlines()
-            return name, None, f"{type(err).__name__}: {text[0][:300] if text else ''}"
+            log.warning("search call %s failed: %s: %s", name, type(err).__name__, err)
+            return name, None, f"{name} {SHARD_FAILED}"
 
     answers, errors = {}, {}
     for name, answer, error in await asyncio.gather(*(one(n, c) for n, c in zip(names, calls))):
@@ -317,11 +352,26 @@ def _add_status_routes(app: FastAPI, backend: Backend,
 
     @app.get("/info")
     async def info(request: Request):
-        return denied(request) or _json(backend.info())
+        return denied(request) or _json(public_info(backend.info()))
 
     @app.get("/")
-    async def index_page(request: Request):
-        return denied(request) or HTMLResponse(page)
+    async def index_page():  # no token: the page holds no data and asks for the token itself
+        return HTMLResponse(page)
+
+
+def model_id(model: str) -> str:
+    """A model's public name: a packaged name as it is, a directory (local path or URL) by its
+    last path component, so that no caller learns where the server keeps its files."""
+    if "/" not in model and "\\" not in model:
+        return model
+    return PurePosixPath(model.replace("\\", "/").rstrip("/")).name or "model"
+
+
+def public_info(info: dict) -> dict:
+    """``/info``: the backend's description with the model named by :func:`model_id` and its
+    weights identity (``model_hash``, null when the index recorded none)."""
+    return {**info, "model": model_id(str(info.get("model", ""))),
+            "model_hash": info.get("model_hash")}
 
 
 def _add_search_route(app: FastAPI, backend: Backend, settings: ApiSettings,
@@ -335,7 +385,8 @@ def _add_search_route(app: FastAPI, backend: Backend, settings: ApiSettings,
             return refused
         started = time.perf_counter()
         try:
-            parsed = parse_search(await request.body(), settings, backend.dim)
+            body = await read_body(request, settings.max_body_bytes)
+            parsed = parse_search(body, settings, backend.dim)
         except ApiError as err:
             return _json({"detail": err.message}, err.status)
         vector = parsed.vector
@@ -360,6 +411,7 @@ async def _encode_query(backend: Backend, query: str,
     except asyncio.TimeoutError:
         return _json({"detail": "the query encoder did not answer in time"}, 503)
     except Exception as err:  # noqa: BLE001
+        log.warning("the query encoder failed: %s: %s", type(err).__name__, err)
         return _json({"detail": f"the query encoder failed: {type(err).__name__}"}, 503)
 
 
@@ -367,7 +419,7 @@ async def _search_shards(backend: Backend, vector, k: int,
                          settings: ApiSettings) -> tuple[list[Hit], dict[str, str]]:
     """Ask every searcher concurrently; the merged top ``k`` and, per shard left out, why."""
     groups = backend.shard_groups
-    labels = [str(g) for g in range(len(groups))]
+    labels = [", ".join(names) for names in groups]  # what the log names on a failure
     calls = [lambda g=g: backend.search_group(g, vector, k) for g in range(len(groups))]
     answers, failures = await fan_out(calls, labels, settings.timeout_s)
     hits = merge((answers[label] for label in labels if label in answers), k)

@@ -125,7 +125,9 @@ def check_parity(manifest: dict, encoder: dict, app_args: AppArgs) -> None:
 
 def index_info(manifest: dict, model: str, groups: list[list[int]]) -> dict:
     """``/info``: the index, the model and the shards each searcher holds (``searchers``)."""
-    return {"model": model, "shards": len(manifest["shards"]),
+    recorded = (manifest.get("source") or {}).get("encoder") or {}
+    return {"model": model, "model_hash": recorded.get("model_hash"),
+            "shards": len(manifest["shards"]),
             "searchers": [[sh.shard_name(n) for n in group] for group in groups],
             "rows": manifest["rows"],
             "rows_per_shard": [s["rows"] for s in manifest["shards"]],

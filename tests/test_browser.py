@@ -4,7 +4,8 @@ types a query, submits, and sees the ranked results the API gives.
 
 The page is served by the same FastAPI app the Serve Router runs (``serve/api.py``), here
 over real SciFact shards and MiniLM in this process, by uvicorn on 127.0.0.1, with the bearer
-token on (the browser context sends it, as an authenticating gateway would).
+token on (``RETRIEVER_API_TOKEN``): the browser opens the page without any header, the page
+asks for the token, the user types it, and the page sends it with each API call.
 ``scripts/install-browser.sh`` installs the browser and driver. Under CI (``CI=true``) a
 missing browser FAILS this test; elsewhere it is skipped with the reason.
 """
@@ -91,12 +92,13 @@ def server(pytestconfig, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_page_types_a_query_and_shows_ranked_results(server):
+def test_page_asks_for_the_token_then_shows_ranked_results(server):
     import httpx
     from playwright.sync_api import sync_playwright
 
     url, backend = server
-    assert httpx.get(url + "/").status_code == 401  # the page, too, wants the token
+    assert httpx.get(url + "/").status_code == 200  # the page needs no token ...
+    assert httpx.get(url + "/info").status_code == 401  # ... the API does
     vector = backend.encoder.encode_queries([QUERY])
     from retriever.index.shards import search_all
 
@@ -104,23 +106,32 @@ def test_page_types_a_query_and_shows_ranked_results(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(extra_http_headers={"Authorization": f"Bearer {TOKEN}"})
-            page = context.new_page()
+            page = browser.new_context().new_page()  # no header: as a person opens the page
             page.goto(url + "/")
-            page.wait_for_function(
-                "document.getElementById('about').textContent.includes('5183 documents')")
+            page.wait_for_selector("#auth[open] #token", timeout=30_000)  # it asks
+            assert "asks for an API token" in page.text_content("#auth-prompt")
+            page.fill("#token", "not-the-token")
             page.fill("#query", QUERY)
             page.fill("#top_k", "5")
             page.click("#go")
-            page.wait_for_selector("#results li.hit", timeout=60_000)
+            page.wait_for_selector("#status.error", timeout=30_000)
+            refused = page.text_content("#status")
+            assert page.locator("#results li.hit").count() == 0
+            page.fill("#token", TOKEN)
+            page.click("#go")
             page.wait_for_function("document.getElementById('status').textContent"
                                    ".includes('5 results')", timeout=60_000)
             shown = page.eval_on_selector_all("#results li.hit", "els => els.map(e => ("
                                               "{id: e.dataset.docId, title: e.querySelector("
                                               "'.title')?.textContent}))")
             status = page.text_content("#status")
+            page.reload()  # the token stays with the tab (sessionStorage)
+            page.wait_for_function(
+                "document.getElementById('about').textContent.includes('5183 documents')")
+            assert page.input_value("#token") == TOKEN
         finally:
             browser.close()
+    assert refused.startswith("Error 401") and "wrong token" in refused
     assert [s["id"] for s in shown] == expected  # ranked as the API ranks them
     assert all(s["title"] == backend.doc(s["id"])[0] for s in shown)
     assert "partial" not in status

@@ -123,7 +123,8 @@ def test_shards_built_as_ray_tasks_equal_an_in_process_build(app, scifact, tmp_p
 def test_healthz_info_page_and_auth(app):
     bare = httpx.Client(base_url=app.url, timeout=30.0)
     assert bare.get("/healthz").status_code == 200  # no token needed
-    for method, path in [("GET", "/info"), ("GET", "/"), ("POST", "/search")]:
+    assert bare.get("/").status_code == 200  # nor for the page: it asks for the token itself
+    for method, path in [("GET", "/info"), ("POST", "/search")]:
         response = bare.request(method, path, json={"query": "x"})
         assert response.status_code == 401, path
         assert "Authorization: Bearer" in response.json()["detail"]
@@ -132,6 +133,7 @@ def test_healthz_info_page_and_auth(app):
         assert wrong.status_code == 401 and "wrong token" in wrong.json()["detail"]
     info = app.client.get("/info").json()
     assert info["model"] == "minilm" and info["shards"] == 4 and info["rows"] == 5183
+    assert "model_hash" in info
     assert info["dims"] == 384 and info["index_type"] == "flat" and info["docs"] is True
     assert info["rows_per_shard"] == [1295, 1296, 1296, 1296]
     page = app.client.get("/")
@@ -339,7 +341,7 @@ def test_serve_command_rejects_a_missing_index_before_starting_anything(tmp_path
     assert "nope: no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _small_index(tmp_path, shards: int) -> str:
+def _small_index(tmp_path, shards: int, **encoder) -> str:
     from tests.index_fixtures import write_embeddings
 
     rng = np.random.default_rng(0)
@@ -347,7 +349,7 @@ def _small_index(tmp_path, shards: int) -> str:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = [f"d{i}" for i in range(400)]
     write_embeddings(str(tmp_path / "emb"), ids, vectors, {"model": "minilm", "pooling": "mean",
-                                                           "normalize": True})
+                                                           "normalize": True, **encoder})
     out = str(tmp_path / f"flat-{shards}")
     sh.build(str(tmp_path / "emb"), out, shards, sh.IndexSpec("flat"))
     return out
@@ -387,8 +389,10 @@ class DelayedBackend:
     """LocalBackend whose searcher ``slow`` answers only after ``delay_s`` (a slow machine)
     and whose searcher ``fail`` raises."""
 
-    def __init__(self, backend, slow: int, delay_s: float, fail: int | None = None):
+    def __init__(self, backend, slow: int, delay_s: float, fail: int | None = None,
+                 error: str = "replica died"):
         self.backend, self.slow, self.delay_s, self.fail = backend, slow, delay_s, fail
+        self.error = error
         self.dim, self.shard_names = backend.dim, backend.shard_names
         self.shard_groups = backend.shard_groups
 
@@ -399,7 +403,7 @@ class DelayedBackend:
         if number == self.slow:
             await asyncio.sleep(self.delay_s)
         if number == self.fail:
-            raise RuntimeError("replica died")
+            raise RuntimeError(self.error)
         return await self.backend.search_group(number, vector, k)
 
     def info(self):
@@ -428,7 +432,7 @@ def test_a_shard_that_does_not_answer_in_time_is_named_and_the_rest_answered(tmp
     answer = response.json()
     assert answer["partial"] is True and answer["missing_shards"] == ["shard-0", "shard-2"]
     assert answer["errors"]["shard-2"] == "no answer within 0.3 s"
-    assert answer["errors"]["shard-0"] == "RuntimeError: replica died"
+    assert answer["errors"]["shard-0"] == "shard-0 failed; the error is in the server log"
     others = [local.shards[n].search(vector[None], 10)[0] for n in (1, 3)]
     assert _pairs(answer) == merge(others, 10)
     assert elapsed < 1.5  # did not wait for the slow shard
@@ -546,3 +550,142 @@ def test_coalescer_batches_under_load_and_frees_a_hung_shard(tmp_path):
         return await asyncio.wait_for(coalescer.search(queries[1], 5), 2.0)
 
     assert asyncio.run(hung_then_fine()) == shard.search(queries[1:2], 5)[0]
+
+
+# --------------------------------------------------------------------------- the API's doors
+
+@pytest.fixture(scope="module")
+def small_backend(tmp_path_factory):
+    """A LocalBackend over a 4-shard 384-dim index (no encoder is ever loaded: these requests
+    are refused or carry vectors)."""
+    from serve.local import LocalBackend
+
+    return LocalBackend(_small_index(tmp_path_factory.mktemp("doors"), 4))
+
+
+@pytest.fixture
+def open_api(small_backend, monkeypatch):
+    """The in-process API without a token; a server error is a 500, as a client sees it."""
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with TestClient(make_api(small_backend), raise_server_exceptions=False) as client:
+        yield client
+
+
+NESTED = 100_000
+MALFORMED = [
+    (b"[" * NESTED + b"]" * NESTED, 400, "the body nests arrays or objects too deeply"),
+    (b'{"a":' * NESTED + b"1" + b"}" * NESTED, 400, "nests arrays or objects too deeply"),
+    (b'{"query": ' + b"[" * NESTED + b"]" * NESTED + b"}", 400, "too deeply"),
+    (('{"vector": [1' + "0" * 400 + ", 0" * 383 + "]}").encode(), 422, "non-finite number"),
+    (('{"vector": [1e300' + ", 0" * 383 + "]}").encode(), 422, "non-finite number"),
+    (b'{"query": "x", "top_k": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b"\xff\xfe\x00", 400, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD_REQUESTS + MALFORMED,
+                         ids=[f"{i}-{s}" for i, (_, s, _) in enumerate(BAD_REQUESTS + MALFORMED)])
+def test_every_malformed_body_gets_a_4xx_in_process(open_api, body, status, message):
+    response = open_api.post("/search", content=body,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text[:300]
+    assert message in response.json()["detail"]
+
+
+def asgi_post(api, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict, int]:
+    """POST /search straight into the ASGI app, the body in ``chunks`` (one ``http.request``
+    message each): (status, JSON answer, how many chunks the app read)."""
+    read = {"n": 0}
+
+    async def receive():
+        if read["n"] < len(chunks):
+            read["n"] += 1
+            return {"type": "http.request", "body": chunks[read["n"] - 1],
+                    "more_body": read["n"] < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/search", "raw_path": b"/search",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
+             "server": ("127.0.0.1", 8000),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(api(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), read["n"]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_all_read(small_backend, monkeypatch):
+    from serve.api import ApiSettings
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    api = make_api(small_backend, ApiSettings(max_body_bytes=1000))
+    json_type = {"content-type": "application/json"}
+    # a declared Content-Length over the limit: 413 before a byte of the body is read
+    status, answer, read = asgi_post(api, {**json_type, "content-length": "50000000"},
+                                     [b" " * 100] * 5)
+    assert (status, read) == (413, 0), answer
+    assert answer["detail"] == "request body is 50000000 bytes; the limit is 1000"
+    # chunked (no length given): 413 as soon as the limit is passed, the rest left unread
+    status, answer, read = asgi_post(api, json_type, [b" " * 100] * 100)
+    assert status == 413 and read == 11, (answer, read)
+    assert answer["detail"] == "request body is over 1000 bytes; the limit is 1000"
+    status, answer, _ = asgi_post(api, {**json_type, "content-length": "ten"}, [b"{}"])
+    assert status == 400 and "Content-Length 'ten' is not a byte count" in answer["detail"]
+    vector = small_backend.shards[0].index.reconstruct(0).tolist()
+    body = json.dumps({"vector": vector, "top_k": 3}).encode()  # ~8 kB: fits the default
+    status, answer, read = asgi_post(make_api(small_backend), json_type,
+                                     [body[i:i + 500] for i in range(0, len(body), 500)])
+    assert status == 200 and answer["hits"][0]["doc_id"] == "d0"
+
+
+def test_a_shard_exception_is_logged_and_only_the_shard_named(small_backend, monkeypatch,
+                                                              caplog):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    secret = "OSError: /srv/models/private/shard-1.faiss: I/O error at 0x7f3a"
+    api = make_api(DelayedBackend(small_backend, slow=-1, delay_s=0, fail=1, error=secret))
+    vector = small_backend.shards[0].index.reconstruct(0).tolist()
+    with caplog.at_level("WARNING", logger="ray.serve"), TestClient(api) as client:
+        response = client.post("/search", json={"vector": vector, "top_k": 5})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["missing_shards"] == ["shard-1"]
+    assert answer["errors"] == {"shard-1": "shard-1 failed; the error is in the server log"}
+    assert "/srv" not in response.text and "OSError" not in response.text
+    assert any("shard-1" in r.getMessage() and secret in r.getMessage() for r in caplog.records)
+
+
+def test_info_names_the_model_by_id_and_identity_never_its_path(tmp_path, monkeypatch):
+    from serve.local import LocalBackend
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    model_dir = str(tmp_path / "private" / "models" / "scifact-minilm-ft")
+    index = _small_index(tmp_path, 2, model=model_dir, model_hash="0123456789abcdef")
+    for model in (None, model_dir + "/", "file://" + model_dir):
+        backend = LocalBackend(index, model=model, encoder=object())
+        with TestClient(make_api(backend)) as client:
+            response = client.get("/info")
+        assert response.status_code == 200
+        info = response.json()
+        assert info["model"] == "scifact-minilm-ft" and info["model_hash"] == "0123456789abcdef"
+        assert str(tmp_path) not in response.text and "private" not in response.text
+    with TestClient(make_api(LocalBackend(_small_index(tmp_path / "packaged", 1)))) as client:
+        assert client.get("/info").json()["model"] == "minilm"
+
+
+def test_the_page_opens_without_a_token_and_the_api_still_wants_one(small_backend,
+                                                                     monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    with TestClient(make_api(small_backend)) as client:
+        page = client.get("/")  # a browser opening the page sends no header
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'id="token"' in page.text and "sessionStorage" in page.text
+        assert TOKEN not in page.text
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/info").status_code == 401
+        assert client.post("/search", json={"query": "x"}).status_code == 401
+        assert client.get("/info", headers=AUTH).status_code == 200
