@@ -18,7 +18,7 @@ import numpy as np
 from retriever.io.formats import load_dataset
 from retriever.modeling.device import cpu_has_native_bf16
 from retriever.modeling.encoder import Encoder
-from retriever.evaluation.runs import score_run
+from retriever.evaluation.retrieval import score_run
 from retriever.index.exact import ExactSearcher
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact"

@@ -66,18 +66,18 @@ def _tiny_dataset(folder, docs=30, queries=4) -> str:
 
 
 def test_report_mean_and_t_test_read_the_same_unrounded_per_query_values(tmp_path):
-    from retriever.evaluation import matrix_report, runner
+    from retriever.evaluation import matrix_report, matrix_run
     from retriever.evaluation.matrix import finished
     from retriever.io.formats import load_dataset
 
     path = _tiny_dataset(tmp_path / "tiny")
-    config = runner.MatrixConfig(models=["bm25"], datasets=[path], out=str(tmp_path / "out"))
+    config = matrix_run.MatrixConfig(models=["bm25"], datasets=[path], out=str(tmp_path / "out"))
     data = load_dataset(path, "test")
-    cell = runner.plan_cell(config, ModelSpec.parse("bm25"), DatasetSpec.parse(path),
+    cell = matrix_run.plan_cell(config, ModelSpec.parse("bm25"), DatasetSpec.parse(path),
                             data.files, config.out)
     # At run.trec's 6 decimals d00 and d01 tie for q0, and a tie goes to the larger doc id.
     run = {"q0": [("d00", 0.5000004), ("d01", 0.5000001)], "q1": [("d01", 0.3), ("d05", 0.2)]}
-    record = runner.write_cell(cell, data, run, {}, 0.0)
+    record = matrix_run.write_cell(cell, data, run, {}, 0.0)
     ndcg = matrix_report.ndcg_cells([record])["tiny"]["bm25"]
     assert ndcg.per_query["q0"] == 1.0 and ndcg.per_query["q1"] == 1.0
     assert ndcg.value == sum(ndcg.per_query.values()) / len(ndcg.per_query)

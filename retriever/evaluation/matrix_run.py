@@ -71,7 +71,7 @@ def _search_task(index_folder: str, model: str, options: dict, queries: list[str
 
 
 def _bm25_task(path: str, split: str, k: int):
-    from retriever.evaluation.runs import bm25_run
+    from retriever.evaluation.retrieval import bm25_run
     from retriever.io.formats import load_dataset
 
     return bm25_run(load_dataset(path, split), k)[0]
@@ -149,7 +149,7 @@ def write_cell(cell: Cell, dataset, run: dict, provenance: dict, started: float)
     of each metric, unrounded: the report's means and t-test both read it), ``metrics.json``
     (their means), ``run.trec`` and ``provenance.json`` (last: it marks the cell finished)."""
     from retriever.evaluation.metrics import per_query
-    from retriever.evaluation.runs import score_run
+    from retriever.evaluation.retrieval import score_run
     from retriever.index.ranking import write_trec
     from retriever.provenance import code_version, now
 

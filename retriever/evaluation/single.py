@@ -40,7 +40,7 @@ class EvalConfig:
 
 def _retrieve(config: EvalConfig, dataset: Dataset) -> tuple[dict, dict, dict]:
     """(run, timing, settings) from BM25 or the configured Encoder."""
-    from retriever.evaluation.runs import bm25_run, dense_run
+    from retriever.evaluation.retrieval import bm25_run, dense_run
 
     if config.model == BM25:
         run, timing = bm25_run(dataset, config.top_k)
@@ -55,7 +55,7 @@ def _retrieve(config: EvalConfig, dataset: Dataset) -> tuple[dict, dict, dict]:
 def evaluate(config: EvalConfig) -> dict:
     """Retrieve, score, write ``metrics.json`` and ``run.trec``; returns the metrics with the
     output folder under ``out``."""
-    from retriever.evaluation.runs import score_run
+    from retriever.evaluation.retrieval import score_run
     from retriever.index.ranking import write_trec
 
     dataset = load_dataset(config.dataset, config.split)
