@@ -4,7 +4,7 @@ Per dense run: encode the corpus on Ray Data, build the index (flat or the confi
 as a Ray task. Each run writes ``metrics.json``, ``run.trec`` and ``provenance.json`` under
 ``<out>/<model>/<dataset>/``; the matrix writes ``report.md``, ``ndcg.png`` and ``report.html``
 under ``<out>`` (default ``<store>/evals/<matrix_id>``). Finished runs are reused. The work is
-``retriever.evaluation.matrix_run``; this module only parses the config and prints.
+``retriever.pipelines.evaluate``; this module only parses the config and prints.
 
 Example config::
 
@@ -20,7 +20,7 @@ import sys
 
 from retriever import config as cfg
 from retriever.evaluation.matrix import RunRecord
-from retriever.evaluation.matrix_run import MatrixConfig, output_folder, run_matrix
+from retriever.pipelines.evaluate import MatrixConfig, output_folder, run_matrix
 
 __all__ = ["MatrixConfig", "main", "run"]
 

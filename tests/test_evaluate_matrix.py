@@ -66,7 +66,8 @@ def _tiny_dataset(folder, docs=30, queries=4) -> str:
 
 
 def test_report_mean_and_t_test_read_the_same_unrounded_per_query_values(tmp_path):
-    from retriever.evaluation import matrix_report, matrix_run
+    from retriever.evaluation import matrix_report
+    from retriever.pipelines import evaluate as matrix_run
     from retriever.evaluation.matrix import finished
     from retriever.io.formats import load_dataset
 

@@ -155,7 +155,7 @@ def test_serve_refuses_a_query_encoder_of_another_dimension(models, index_a):
 # ------------------------------------------------------------------------ evaluation
 
 def test_evaluation_search_refuses_an_index_encoded_with_other_pooling(models, index_a):
-    from retriever.evaluation.matrix_run import MatrixConfig, _search_task
+    from retriever.pipelines.evaluate import MatrixConfig, _search_task
 
     with pytest.raises(EncoderMismatch) as refused:
         _search_task(index_a, models["a"], {"pooling": "cls"}, ["a query"], 5)

@@ -26,7 +26,7 @@ from typing import Callable
 
 from retriever import config as cfg
 from retriever import console
-from retriever.evaluation.matrix_run import MatrixConfig, run_matrix
+from retriever.pipelines.evaluate import MatrixConfig, run_matrix
 from retriever.io import store
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
