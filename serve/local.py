@@ -3,7 +3,9 @@
 ``LocalBackend`` implements ``serve.api.Backend`` with loaded
 ``retriever.index.shards.IndexShard`` objects and an ``Encoder``; ``make_api(LocalBackend(...))``
 is the app. Used for development (``uvicorn``), the browser test and as the in-process peer in
-``benchmarks/search_latency.py``.
+``benchmarks/search_latency.py``. Like the Serve app, it refuses an index whose recorded encoder
+differs from its query encoder unless ``allow_asymmetric_encoder``
+(``retriever.modeling.parity``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from retriever.index.ranking import Hit
 
 class LocalBackend:
     def __init__(self, index: str, model: str | None = None, docs: str | None = None,
-                 gpu: str = "auto", encoder=None, shards_per_searcher: int = 1):
+                 gpu: str = "auto", encoder=None, shards_per_searcher: int = 1,
+                 allow_asymmetric_encoder: bool = False):
+        from retriever.modeling.parity import check_encoder_matches, index_settings
         from serve.app import encoder_config, index_info
         from serve.deployments import load_docs
 
@@ -30,10 +34,22 @@ class LocalBackend:
         self.dim = int(self.manifest["dim"])
         self.encoder_config = encoder_config(self.manifest, model)
         self._encoder = encoder
+        if not allow_asymmetric_encoder:  # allowed: nothing to refuse, no weights to read
+            check_encoder_matches(index_settings(self.manifest), self._query_settings(),
+                                  index_name=f"index {index}")
         self.docs = load_docs(docs) if docs else {}
         self._info = dict(index_info(self.manifest, self.encoder_config["model"],
                                      self.groups), docs=bool(docs))
         self.shard_groups = self._info["searchers"]
+
+    def _query_settings(self) -> dict:
+        """The query encoder's recorded settings, without loading weights when none is given."""
+        if self._encoder is not None:
+            return self._encoder.settings()
+        from retriever.modeling.encoder import EncoderConfig
+        from retriever.modeling.parity import query_settings
+
+        return query_settings(EncoderConfig(**self.encoder_config))
 
     @property
     def encoder(self):

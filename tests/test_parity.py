@@ -133,6 +133,18 @@ def test_serve_refuses_an_index_of_other_weights_unless_the_flag_says_so(models,
                            "allow_asymmetric_encoder": "true"})).__name__ == "Application"
 
 
+def test_the_in_process_backend_checks_parity_too(models, index_a):
+    from retriever.modeling.encoder import Encoder, EncoderConfig
+    from serve.local import LocalBackend
+
+    assert LocalBackend(index_a).info()["dims"] == 32  # its own recorded encoder
+    with pytest.raises(EncoderMismatch, match="model_hash: index '"):
+        LocalBackend(index_a, model=models["b"])
+    with pytest.raises(EncoderMismatch, match="pooling: index 'mean' vs query 'cls'"):
+        LocalBackend(index_a, encoder=Encoder(EncoderConfig(model=models["a"], pooling="cls")))
+    assert LocalBackend(index_a, model=models["b"], allow_asymmetric_encoder=True).dim == 32
+
+
 def test_serve_refuses_an_index_whose_model_changed_since_it_was_encoded(models, tmp_path):
     from serve.app import build_app
 

@@ -666,7 +666,8 @@ def test_info_names_the_model_by_id_and_identity_never_its_path(tmp_path, monkey
     model_dir = str(tmp_path / "private" / "models" / "scifact-minilm-ft")
     index = _small_index(tmp_path, 2, model=model_dir, model_hash="0123456789abcdef")
     for model in (None, model_dir + "/", "file://" + model_dir):
-        backend = LocalBackend(index, model=model, encoder=object())
+        backend = LocalBackend(index, model=model, encoder=object(),  # a stand-in encoder
+                               allow_asymmetric_encoder=True)
         with TestClient(make_api(backend)) as client:
             response = client.get("/info")
         assert response.status_code == 200
