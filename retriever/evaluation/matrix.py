@@ -52,7 +52,7 @@ class ModelSpec:
     @classmethod
     def parse(cls, entry) -> "ModelSpec":
         if isinstance(entry, str):
-            return cls(name=entry.rstrip("/").rsplit("/", 1)[-1], model=entry)
+            return cls(name=_last_segment(entry), model=entry)
         if not isinstance(entry, dict) or "model" not in entry:
             raise InputError(f"model entry {entry!r}: expected a name/path or a mapping with "
                              "'model'")
@@ -62,8 +62,13 @@ class ModelSpec:
             raise InputError(f"model entry {entry.get('name', entry['model'])!r}: unknown "
                              f"option(s) {', '.join(sorted(unknown))}")
         options = tuple(sorted((k, v) for k, v in entry.items() if k in allowed))
-        name = entry.get("name") or entry["model"].rstrip("/").rsplit("/", 1)[-1]
+        name = entry.get("name") or _last_segment(entry["model"])
         return cls(name=name, model=entry["model"], options=options)
+
+
+def _last_segment(path: str) -> str:
+    """The default name of a model or dataset entry: its path's last segment."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,12 @@ class DatasetSpec:
     @classmethod
     def parse(cls, entry) -> "DatasetSpec":
         if isinstance(entry, str):
-            return cls(name=entry.rstrip("/").rsplit("/", 1)[-1], path=entry)
+            return cls(name=_last_segment(entry), path=entry)
         if not isinstance(entry, dict) or "path" not in entry:
             raise InputError(f"dataset entry {entry!r}: expected a path or a mapping with "
                              "'path'")
         path = entry["path"]
-        return cls(name=entry.get("name") or path.rstrip("/").rsplit("/", 1)[-1], path=path,
+        return cls(name=entry.get("name") or _last_segment(path), path=path,
                    split=entry.get("split", "test"))
 
 
