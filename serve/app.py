@@ -8,8 +8,9 @@ identity, pooling, normalisation, query prefix and length, dim; refused with bot
 unless ``allow_asymmetric_encoder``), and binds QueryEncoder, one ShardSearcher per group of
 ``shards_per_searcher`` shards (``ShardSearcher-0`` ..; one shard each by default) and the
 Router ingress. ``args`` (see :class:`AppArgs`): ``index`` (required), ``model``, ``docs``,
-``timeout_s``, ``max_top_k``, ``max_query_chars``, ``encoder_batch_size``,
-``encoder_batch_wait_s``, ``gpu``, ``shards_per_searcher``, ``access_log``, ``low_latency``,
+``timeout_s``, ``max_top_k``, ``max_query_chars``, ``max_batch`` (texts or vectors in one
+request), ``encoder_batch_size``, ``encoder_batch_wait_s``, ``gpu``, ``mmap`` (memory-map the
+FAISS files), ``shards_per_searcher``, ``access_log``, ``low_latency``,
 ``allow_asymmetric_encoder`` and ``deployments``: Serve-style per-deployment options (``name``,
 ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``, ...)
 applied in code; the name ``ShardSearcher`` applies to every searcher, ``ShardSearcher-<g>`` to
@@ -57,9 +58,11 @@ class AppArgs:
     timeout_s: float = 2.0  # per shard
     max_top_k: int = 1000
     max_query_chars: int = 2048
+    max_batch: int = 128  # texts or vectors in one /search or /v1/embeddings request
     encoder_batch_size: int = 32
     encoder_batch_wait_s: float = 0.005
     gpu: str = "auto"  # FAISS on GPU for flat shards: auto | yes | no
+    mmap: bool = False  # memory-map the FAISS files (read on demand; RAM shared via page cache)
     shards_per_searcher: int = 1  # shards held (and searched in one call) by one ShardSearcher
     access_log: bool = False  # a log line per request in every replica (costs latency)
     low_latency: bool = True  # LOW_LATENCY_ENV in every replica's runtime_env
@@ -76,7 +79,7 @@ class AppArgs:
         if not args.get("index"):
             raise InputError("serve app: the 'index' argument (index folder URL) is required")
         values = dict(args)
-        for name in ("access_log", "low_latency", "allow_asymmetric_encoder"):
+        for name in ("access_log", "low_latency", "allow_asymmetric_encoder", "mmap"):
             if isinstance(values.get(name), str):  # `serve run ... key=value` passes strings
                 text = values[name].strip().lower()
                 if text not in ("true", "false", "1", "0", "yes", "no"):
@@ -90,7 +93,8 @@ class AppArgs:
                                  "integer >= 1")
             values["shards_per_searcher"] = int(text)
         for name, kind in (("timeout_s", float), ("max_top_k", int), ("max_query_chars", int),
-                           ("encoder_batch_size", int), ("encoder_batch_wait_s", float)):
+                           ("max_batch", int), ("encoder_batch_size", int),
+                           ("encoder_batch_wait_s", float)):
             if name in values:  # `serve run ... key=value` passes strings
                 try:
                     values[name] = kind(values[name])
@@ -124,7 +128,10 @@ def check_parity(manifest: dict, encoder: dict, app_args: AppArgs) -> None:
 
 
 def index_info(manifest: dict, model: str, groups: list[list[int]]) -> dict:
-    """``/info``: the index, the model and the shards each searcher holds (``searchers``)."""
+    """``/info``: the index, the model, the shards each searcher holds (``searchers``) and
+    whether BM25 shards are there (``sparse``)."""
+    from retriever.index.sparse import has_sparse
+
     recorded = (manifest.get("source") or {}).get("encoder") or {}
     return {"model": model, "model_hash": recorded.get("model_hash"),
             "shards": len(manifest["shards"]),
@@ -134,7 +141,7 @@ def index_info(manifest: dict, model: str, groups: list[list[int]]) -> dict:
             "dims": manifest["dim"], "index_type": manifest["type"],
             "factory": manifest["factory"], "metric": manifest["metric"],
             "search_params": manifest.get("search_params", {}),
-            "recall": manifest.get("recall")}
+            "recall": manifest.get("recall"), "sparse": has_sparse(manifest)}
 
 
 def _options(deployments: list[dict], searchers: int) -> dict[str, dict]:
@@ -186,12 +193,13 @@ def build_app(args: dict[str, Any]):
                 **options.get(f"ShardSearcher-{number}", {})}
         searcher_apps.append(ShardSearcher.options(name=f"ShardSearcher-{number}",
                                                    **_with_defaults(ShardSearcher, opts, env))
-                             .bind(app_args.index, group, app_args.gpu))
+                             .bind(app_args.index, group, app_args.gpu, app_args.mmap))
     opts = {**logs, **options.get("QueryEncoder", {})}
     encoder_app = QueryEncoder.options(**_with_defaults(QueryEncoder, opts, env)).bind(
         encoder, app_args.encoder_batch_size, app_args.encoder_batch_wait_s)
     api_settings = {"timeout_s": app_args.timeout_s, "max_top_k": app_args.max_top_k,
-                    "max_query_chars": app_args.max_query_chars}
+                    "max_query_chars": app_args.max_query_chars,
+                    "max_batch": app_args.max_batch}
     opts = {**logs, **options.get("Router", {})}
     return Router.options(**_with_defaults(Router, opts, env)).bind(
         encoder_app, searcher_apps, index_info(manifest, encoder["model"], groups), api_settings,

@@ -1,14 +1,16 @@
 """The Serve deployments: QueryEncoder (dynamic batching), ShardSearcher (one per shard), Router.
 
-- ``QueryEncoder`` embeds query text with the encoder settings the index was built with;
-  concurrent requests are batched by ``@serve.batch``.
-- ``ShardSearcher`` loads its shards (FAISS file + id map each; one shard unless the app
-  groups them) from the store (local path or any fsspec URL such as s3://) and answers their
-  merged top-k in trec_eval order. The app binds it once per group under the names
+- ``QueryEncoder`` embeds texts (queries, or passages for ``/v1/embeddings``) with the encoder
+  settings the index was built with; concurrent requests are batched by ``@serve.batch``.
+- ``ShardSearcher`` loads its shards (FAISS file + id map each, and the BM25 shard of the same
+  documents when the index has them; one shard unless the app groups them) from the store
+  (local path or any fsspec URL such as s3://; FAISS files memory-mapped with ``mmap``) and
+  answers their merged dense and/or BM25 top-k in trec_eval order, in one call. The app binds it once per group under the names
   ``ShardSearcher-0 .. ShardSearcher-{G-1}``.
-- ``Router`` is the FastAPI ingress (``serve/api.py``): it encodes the query (or takes the
-  vector), fans out to every shard concurrently with a per-shard timeout, merges the top-k
-  and, when a doc store is configured, adds title and text.
+- ``Router`` is the FastAPI ingress (``serve/api.py``): it encodes the queries (or takes the
+  vectors), fans out to every searcher concurrently with a per-searcher timeout (concurrent
+  requests coalesced, ``serve/fanout.py``), merges each ranking, fuses them for hybrid and,
+  when a doc store is configured, adds title and text.
 
 Replicas ask for fractions of a CPU by default; FAISS and torch use as many threads as the
 replica was given whole CPUs (at least one), and a GPU only when Ray assigned one to the
@@ -26,8 +28,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from retriever.index.ranking import Hit
-from serve.api import Coalescer
+from serve.fanout import Coalescer, ShardAnswer, ShardQuery, answer
 
 log = logging.getLogger("ray.serve")
 
@@ -66,7 +67,9 @@ def local_model(model: str) -> str:
 @serve.deployment(name="QueryEncoder", ray_actor_options={"num_cpus": 0.5},
                   max_ongoing_requests=128)
 class QueryEncoder:
-    """Query text -> vector, with concurrent requests batched into one forward pass."""
+    """Texts -> vectors with the index's encoder settings; concurrent requests (each a
+    ``(kind, texts)`` pair, kind "query" or "passage") are batched by ``@serve.batch`` into one
+    forward pass per kind. Answers ``(vectors [n, dim] float32, tokens per text)``."""
 
     def __init__(self, encoder_config: dict, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.005):
@@ -85,9 +88,11 @@ class QueryEncoder:
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode(self, texts: list[str]) -> list[np.ndarray]:
-        vectors = await asyncio.to_thread(self.encoder.encode_queries, list(texts))
-        return list(vectors)
+    async def encode(self, requests: list[tuple[str, list[str]]]
+                     ) -> list[tuple[np.ndarray, list[int]]]:
+        from serve.fanout import encode_requests
+
+        return await asyncio.to_thread(encode_requests, self.encoder, list(requests))
 
     def settings(self) -> dict:
         return self.encoder.settings()
@@ -98,27 +103,31 @@ class QueryEncoder:
 class ShardSearcher:
     """One group of the index's shards (usually one shard), loaded from the store."""
 
-    def __init__(self, index_url: str, numbers: Sequence[int], gpu: str = "auto"):
+    def __init__(self, index_url: str, numbers: Sequence[int], gpu: str = "auto",
+                 mmap: bool = False):
         import faiss
 
+        from retriever.index import sparse
         from retriever.index.shards import IndexShard, read_manifest
 
         faiss.omp_set_num_threads(_assigned_cpus())
         if gpu == "auto":  # only a GPU Ray gave this replica
             gpu = "yes" if _assigned_gpus() else "no"
         manifest = read_manifest(index_url)
-        self.shards = [IndexShard.load(index_url, n, manifest, gpu=gpu) for n in numbers]
-        log.info("loaded %s of %s: %d rows", ", ".join(s.name for s in self.shards), index_url,
-                 sum(len(s) for s in self.shards))
+        self.shards = [IndexShard.load(index_url, n, manifest, gpu=gpu, mmap=mmap)
+                       for n in numbers]
+        self.sparse = ([sparse.SparseShard.load(index_url, n, manifest) for n in numbers]
+                       if sparse.has_sparse(manifest) else [])
+        log.info("loaded %s of %s: %d rows%s", ", ".join(s.name for s in self.shards),
+                 index_url, sum(len(s) for s in self.shards),
+                 " (dense + BM25)" if self.sparse else "")
 
-    async def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Merged top-k of this group's shards for each row of ``vectors`` [n, dim] (the
-        Router batches queries)."""
-        from retriever.index.shards import search_all
-
+    async def search(self, query: ShardQuery) -> ShardAnswer:
+        """This group's merged rankings (dense for ``query.vectors``, BM25 for
+        ``query.texts``) in one call; the Router coalesces queries into it."""
         # On the replica's event loop, not a thread pool: a few queries are a short FAISS
         # call (threads given to FAISS, not to Python); a thread hop costs more than it saves.
-        return search_all(self.shards, vectors, k)
+        return answer(self.shards, self.sparse, query)
 
     def info(self) -> dict:
         return {"shards": [s.name for s in self.shards],
@@ -157,12 +166,11 @@ class Router:
         timeout = float(api_settings.get("timeout_s", 2.0))
         # method handles made once: `handle.search` builds a new handle on every access
         searches = [h.options(method_name="search") for h in searchers]
-        self.coalescers = [Coalescer(lambda vectors, k, h=h: h.remote(vectors, k),
-                                     timeout_s=timeout)
-                           for h in searches]
+        self.coalescers = [Coalescer(h.remote, timeout_s=timeout) for h in searches]
         self.encode_handle = encoder.options(method_name="encode")
         self._info = dict(info, docs=bool(docs))
         self.dim = int(info["dims"])
+        self.sparse = bool(info.get("sparse"))
         self.api_settings = api_settings
         self.docs = load_docs(docs) if docs else {}
 
@@ -171,11 +179,12 @@ class Router:
 
         return make_api(self, ApiSettings(**self.api_settings))
 
-    async def encode(self, text: str) -> np.ndarray:
-        return await self.encode_handle.remote(text)
+    async def encode(self, texts: list[str], kind: str = "query"
+                     ) -> tuple[np.ndarray, list[int]]:
+        return await self.encode_handle.remote((kind, list(texts)))
 
-    def search_group(self, number: int, vector: np.ndarray, k: int):
-        return self.coalescers[number].search(vector, k)
+    def search_group(self, number: int, query: ShardQuery):
+        return self.coalescers[number].search(query)
 
     def info(self) -> dict:
         return self._info

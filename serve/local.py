@@ -1,7 +1,8 @@
 """The search API without Ray: the same FastAPI app over shards and an encoder in this process.
 
 ``LocalBackend`` implements ``serve.api.Backend`` with loaded
-``retriever.index.shards.IndexShard`` objects and an ``Encoder``; ``make_api(LocalBackend(...))``
+``retriever.index.shards.IndexShard`` objects (and the index's BM25 shards, when it has them)
+and an ``Encoder``; ``make_api(LocalBackend(...))``
 is the app. Used for development (``uvicorn``), the browser test and as the in-process peer in
 ``benchmarks/search_latency.py``. Like the Serve app, it refuses an index whose recorded encoder
 differs from its query encoder unless ``allow_asymmetric_encoder``
@@ -15,20 +16,25 @@ import asyncio
 import numpy as np
 
 from retriever.index import shards as sh
-from retriever.index.ranking import Hit
+from serve.fanout import ShardAnswer, ShardQuery, answer, encode_requests
 
 
 class LocalBackend:
     def __init__(self, index: str, model: str | None = None, docs: str | None = None,
                  gpu: str = "auto", encoder=None, shards_per_searcher: int = 1,
-                 allow_asymmetric_encoder: bool = False):
+                 allow_asymmetric_encoder: bool = False, mmap: bool = False):
         from retriever.modeling.parity import check_encoder_matches, index_settings
         from serve.app import encoder_config, index_info
+        from retriever.index import sparse
         from serve.deployments import load_docs
 
         self.manifest = sh.read_manifest(index)
-        self.shards = [sh.IndexShard.load(index, n, self.manifest, gpu)
-                       for n in range(len(self.manifest["shards"]))]
+        numbers = range(len(self.manifest["shards"]))
+        self.shards = [sh.IndexShard.load(index, n, self.manifest, gpu, mmap=mmap)
+                       for n in numbers]
+        self.sparse_shards = ([sparse.SparseShard.load(index, n, self.manifest) for n in numbers]
+                              if sparse.has_sparse(self.manifest) else [])
+        self.sparse = bool(self.sparse_shards)
         self.shard_names = [s.name for s in self.shards]
         self.groups = sh.group_numbers(len(self.shards), shards_per_searcher)
         self.dim = int(self.manifest["dim"])
@@ -59,12 +65,14 @@ class LocalBackend:
             self._encoder = Encoder(EncoderConfig(**self.encoder_config))
         return self._encoder
 
-    async def encode(self, text: str) -> np.ndarray:
-        return (await asyncio.to_thread(self.encoder.encode_queries, [text]))[0]
+    async def encode(self, texts: list[str], kind: str = "query"
+                     ) -> tuple[np.ndarray, list[int]]:
+        return (await asyncio.to_thread(encode_requests, self.encoder, [(kind, texts)]))[0]
 
-    async def search_group(self, number: int, vector: np.ndarray, k: int) -> list[Hit]:
-        shards = [self.shards[n] for n in self.groups[number]]
-        return sh.search_all(shards, vector.reshape(1, -1), k)[0]
+    async def search_group(self, number: int, query: ShardQuery) -> ShardAnswer:
+        numbers = self.groups[number]
+        return answer([self.shards[n] for n in numbers],
+                      [self.sparse_shards[n] for n in numbers] if self.sparse else [], query)
 
     def info(self) -> dict:
         return self._info

@@ -28,7 +28,8 @@ from retriever.evaluation.metrics import evaluate
 from retriever.index.ranking import merge
 from retriever.index.exact import ExactSearcher
 from jobs.serve import APP_NAME
-from serve.api import TOKEN_ENV, Coalescer, fan_out, make_api
+from serve.api import TOKEN_ENV, make_api
+from serve.fanout import Coalescer, Rankings, ShardAnswer, ShardQuery, fan_out
 from tests.helpers import REPO, dataset
 from tests.index_fixtures import cache_dir, scifact_minilm
 
@@ -144,7 +145,8 @@ def test_healthz_info_page_and_auth(app):
 BAD_REQUESTS = [
     (b"not json", 400, "the body is not valid JSON"),
     (b"[1, 2]", 400, "the body must be a JSON object"),
-    (b"{}", 422, "give exactly one of 'query' (text) or 'vector' (numbers)"),
+    (b"{}", 422, "give exactly one of 'query' (text), 'queries' (texts), 'vector' or 'vectors' "
+                 "(numbers)"),
     (b'{"query": ""}', 422, "query is empty"),
     (b'{"query": "   "}', 422, "query is empty"),
     (json.dumps({"query": "x" * 3000}).encode(), 413, "query is 3000 characters; the limit "
@@ -160,7 +162,20 @@ BAD_REQUESTS = [
     (b'{"vector": [0.1, 0.2, 0.3]}', 422, "vector has 3 dimensions; the index has 384"),
     (b'{"vector": "0.1"}', 422, "vector must be an array of numbers, got a string"),
     (b'{"vector": [0.1, "a"]}', 422, "vector[1] must be a number, got a string"),
-    (json.dumps({"query": "x", "vector": [0.0] * 384}).encode(), 422, "both were given"),
+    (json.dumps({"query": "x", "vector": [0.0] * 384}).encode(), 422,
+     "query and vector were given"),
+    (b'{"queries": []}', 422, "queries is empty"),
+    (b'{"queries": ["a", " "]}', 422, "queries[1] is empty"),
+    (json.dumps({"queries": ["a"] * 129}).encode(), 413, "queries holds 129 items; the limit "
+                                                         "is 128"),
+    (b'{"vectors": [[0.1]]}', 422, "vectors[0] has 1 dimensions; the index has 384"),
+    (b'{"query": "x", "mode": "bm25"}', 422, "mode must be 'dense', 'sparse' or 'hybrid', "
+                                             "got 'bm25'"),
+    (json.dumps({"vector": [0.0] * 384, "mode": "hybrid"}).encode(), 422,
+     "mode 'hybrid' needs query text"),
+    (b'{"query": "x", "mode": "hybrid", "fusion": {"rrf_k": 0, "x": 1}}', 422,
+     "unknown field(s) 'x' in fusion: expected 'method', 'rrf_k', 'weight'; fusion.rrf_k must "
+     "be between 1 and 100000, got 0"),
     (b"{" + b" " * (1 << 20) + b"}", 413, "the limit is 1048576"),
 ]
 
@@ -394,17 +409,17 @@ class DelayedBackend:
         self.backend, self.slow, self.delay_s, self.fail = backend, slow, delay_s, fail
         self.error = error
         self.dim, self.shard_names = backend.dim, backend.shard_names
-        self.shard_groups = backend.shard_groups
+        self.shard_groups, self.sparse = backend.shard_groups, backend.sparse
 
-    async def encode(self, text):
-        return await self.backend.encode(text)
+    async def encode(self, texts, kind="query"):
+        return await self.backend.encode(texts, kind)
 
-    async def search_group(self, number, vector, k):
+    async def search_group(self, number, query):
         if number == self.slow:
             await asyncio.sleep(self.delay_s)
         if number == self.fail:
             raise RuntimeError(self.error)
-        return await self.backend.search_group(number, vector, k)
+        return await self.backend.search_group(number, query)
 
     def info(self):
         return self.backend.info()
@@ -514,23 +529,30 @@ def test_coalescer_batches_under_load_and_frees_a_hung_shard(tmp_path):
     queries = np.asarray([shard.index.reconstruct(i) for i in range(12)], np.float32)
     calls = []
 
-    async def call(vectors, k):
-        calls.append(len(vectors))
-        await asyncio.sleep(0.05)  # a shard's round trip
-        return shard.search(vectors, k)
+    def hits(answer: ShardAnswer) -> list:
+        return answer.dense.rows()
+
+    async def call(query: ShardQuery) -> ShardAnswer:
+        calls.append(len(query.vectors))
+        await asyncio.sleep(0.05)  # a searcher's round trip
+        return ShardAnswer(Rankings.pack(shard.search(query.vectors, query.k)), None)
 
     async def many():
         coalescer = Coalescer(call, timeout_s=5.0, max_in_flight=2)
-        return await asyncio.gather(*(coalescer.search(q, 3 + i % 3)
-                                      for i, q in enumerate(queries)))
+        # one query of two rows among single ones: its rows stay together and in order
+        asks = [ShardQuery(queries[i:i + 2 if i == 5 else i + 1], None, 3 + i % 3)
+                for i in range(12)]
+        answers = await asyncio.gather(*(coalescer.search(q) for q in asks))
+        return [[row[:q.k] for row in hits(a)] for q, a in zip(asks, answers)]
 
     got = asyncio.run(many())
-    assert got == [shard.search(q[None], 3 + i % 3)[0] for i, q in enumerate(queries)]
-    assert calls[:2] == [1, 1] and sum(calls) == 12 and len(calls) < 12  # batched
+    assert got == [shard.search(queries[i:i + 2 if i == 5 else i + 1], 3 + i % 3)
+                   for i in range(12)]
+    assert calls[:2] == [1, 1] and sum(calls) == 13 and len(calls) < 12  # batched
 
     async def one_at_a_time():
         coalescer = Coalescer(call, timeout_s=5.0)
-        return [await coalescer.search(q, 5) for q in queries[:3]]
+        return [await coalescer.search(ShardQuery(q[None], None, 5)) for q in queries[:3]]
 
     calls.clear()
     asyncio.run(one_at_a_time())
@@ -539,17 +561,17 @@ def test_coalescer_batches_under_load_and_frees_a_hung_shard(tmp_path):
     async def hung_then_fine():
         state = {"hang": True}
 
-        async def flaky(vectors, k):
+        async def flaky(query):
             if state.pop("hang", False):
                 await asyncio.sleep(60)
-            return shard.search(vectors, k)
+            return ShardAnswer(Rankings.pack(shard.search(query.vectors, query.k)), None)
 
         coalescer = Coalescer(flaky, timeout_s=0.2, max_in_flight=1)
         with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
-            await coalescer.search(queries[0], 5)
-        return await asyncio.wait_for(coalescer.search(queries[1], 5), 2.0)
+            await coalescer.search(ShardQuery(queries[:1], None, 5))
+        return await asyncio.wait_for(coalescer.search(ShardQuery(queries[1:2], None, 5)), 2.0)
 
-    assert asyncio.run(hung_then_fine()) == shard.search(queries[1:2], 5)[0]
+    assert hits(asyncio.run(hung_then_fine())) == shard.search(queries[1:2], 5)
 
 
 # --------------------------------------------------------------------------- the API's doors

@@ -1,0 +1,226 @@
+"""What travels between the Router and its searchers and encoder, batched across requests.
+
+- :class:`ShardQuery` (Router -> one searcher): query vectors ``[a, dim]`` float32 for the
+  dense ranking and/or query texts (``b``) for the BM25 ranking, and ``k``; one call answers
+  both rankings (:func:`answer`), so a hybrid request still costs one call per searcher.
+- :class:`ShardAnswer` (searcher -> Router): each ranking as :class:`Rankings`, flat arrays
+  (doc ids, float64 scores, row offsets), which Ray serialises as a few buffers instead of a
+  Python object per hit.
+- :class:`Coalescer`: the queries that wait for a searcher while ``max_in_flight`` calls are
+  under way leave together in its next call (no added wait at concurrency 1).
+- :func:`fan_out`: every searcher asked concurrently, each under its own timeout.
+- :func:`encode_requests`: the encoder's batch of ``(kind, texts)`` requests in one forward
+  pass per kind ("query" / "passage" pick the prefixes), with token counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import numpy as np
+
+from retriever.index.ranking import Hit
+
+SHARD_FAILED = "failed; the error is in the server log"
+# In a Serve replica this logger goes to the replica's log file; in-process, to the root's.
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Rankings:
+    """Ranked hits of several queries, flat: row ``r`` is ``ids[offsets[r]:offsets[r+1]]``."""
+
+    ids: np.ndarray  # str
+    scores: np.ndarray  # float64 (lossless for float32 FAISS and BM25 scores)
+    offsets: np.ndarray  # int64, rows + 1
+
+    @classmethod
+    def pack(cls, rows: Sequence[Sequence[Hit]]) -> "Rankings":
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(row) for row in rows])
+        ids = [doc_id for row in rows for doc_id, _ in row]
+        scores = np.fromiter((score for row in rows for _, score in row), np.float64,
+                             count=int(offsets[-1]))
+        return cls(np.asarray(ids, dtype=str), scores, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def rows(self, start: int = 0, stop: int | None = None) -> list[list[Hit]]:
+        stop = len(self) if stop is None else stop
+        ids, scores = self.ids.tolist(), self.scores.tolist()
+        return [list(zip(ids[self.offsets[r]:self.offsets[r + 1]],
+                         scores[self.offsets[r]:self.offsets[r + 1]]))
+                for r in range(start, stop)]
+
+
+@dataclass
+class ShardQuery:
+    vectors: np.ndarray | None  # [a, dim] float32: rows for the dense ranking
+    texts: list[str] | None  # b texts: rows for the BM25 ranking
+    k: int
+
+
+@dataclass
+class ShardAnswer:
+    dense: Rankings | None
+    sparse: Rankings | None
+
+
+def answer(dense_shards: Sequence, sparse_shards: Sequence, query: ShardQuery) -> ShardAnswer:
+    """One searcher's merged top-k of its shards, per ranking asked for (trec_eval order)."""
+    from retriever.index import shards as sh
+
+    dense = sparse = None
+    if query.vectors is not None:
+        dense = Rankings.pack(sh.search_all(dense_shards, query.vectors, query.k))
+    if query.texts is not None:
+        if not sparse_shards:
+            raise RuntimeError("BM25 asked of a searcher that holds no sparse shards")
+        from retriever.index import sparse as sp
+
+        sparse = Rankings.pack(sp.search_all(sparse_shards, query.texts, query.k))
+    return ShardAnswer(dense, sparse)
+
+
+def _combine(queries: Sequence[ShardQuery]) -> ShardQuery:
+    vectors = [q.vectors for q in queries if q.vectors is not None]
+    texts = [t for q in queries if q.texts is not None for t in q.texts]
+    return ShardQuery(np.concatenate(vectors) if vectors else None,
+                      texts if any(q.texts is not None for q in queries) else None,
+                      max(q.k for q in queries))
+
+
+def _split(queries: Sequence[ShardQuery], combined: ShardAnswer) -> list[ShardAnswer]:
+    """Each query's share of a combined answer (rows in the order :func:`_combine` put them)."""
+    out, dense_at, sparse_at = [], 0, 0
+    for q in queries:
+        dense = sparse = None
+        if q.vectors is not None:
+            dense, dense_at = _take(combined.dense, dense_at, len(q.vectors)), \
+                dense_at + len(q.vectors)
+        if q.texts is not None:
+            sparse, sparse_at = _take(combined.sparse, sparse_at, len(q.texts)), \
+                sparse_at + len(q.texts)
+        out.append(ShardAnswer(dense, sparse))
+    return out
+
+
+def _take(rankings: Rankings, start: int, count: int) -> Rankings:
+    lo, hi = rankings.offsets[start], rankings.offsets[start + count]
+    return Rankings(rankings.ids[lo:hi], rankings.scores[lo:hi],
+                    rankings.offsets[start:start + count + 1] - lo)
+
+
+class Coalescer:
+    """Opportunistic batching of one searcher's calls (no added wait at low load).
+
+    A query is sent at once while fewer than ``max_in_flight`` calls to the searcher are under
+    way; otherwise it waits and leaves with every other waiting query (up to ``max_batch``) in
+    the next call, when one returns. At concurrency 1 that is one call per query, as without
+    batching; under load the per-call cost (a Serve request, a FAISS call) is shared by the
+    batch. ``call(ShardQuery) -> ShardAnswer``. A call still unanswered after ``timeout_s`` is
+    abandoned (its waiters get a TimeoutError), so a hung searcher cannot hold the in-flight
+    slots forever. ``calls`` counts the calls made (for tests and benchmarks).
+    """
+
+    def __init__(self, call: Callable[[ShardQuery], Awaitable[ShardAnswer]], timeout_s: float,
+                 max_in_flight: int = 2, max_batch: int = 64):
+        self.call, self.timeout_s = call, timeout_s
+        self.max_in_flight, self.max_batch = max_in_flight, max_batch
+        self.waiting: list[tuple[ShardQuery, asyncio.Future]] = []
+        self.in_flight = self.calls = 0
+
+    async def search(self, query: ShardQuery) -> ShardAnswer:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((query, future))
+        self._send()
+        return await future
+
+    def _send(self) -> None:
+        while self.waiting and self.in_flight < self.max_in_flight:
+            batch, self.waiting = self.waiting[:self.max_batch], self.waiting[self.max_batch:]
+            batch = [item for item in batch if not item[1].done()]  # timed out while waiting
+            if batch:
+                self.in_flight += 1
+                self.calls += 1
+                asyncio.ensure_future(self._run(batch))
+
+    async def _run(self, batch: list[tuple[ShardQuery, asyncio.Future]]) -> None:
+        pending = None
+        try:
+            queries = [q for q, _ in batch]
+            pending = self.call(queries[0] if len(queries) == 1 else _combine(queries))
+            try:
+                combined = await asyncio.wait_for(pending, self.timeout_s)
+            except asyncio.TimeoutError:
+                cancel = getattr(pending, "cancel", None)
+                if cancel is not None:
+                    cancel()
+                raise TimeoutError(f"no answer within {self.timeout_s:g} s") from None
+            shares = [combined] if len(queries) == 1 else _split(queries, combined)
+            for (_, future), share in zip(batch, shares):
+                if not future.done():
+                    future.set_result(share)
+        except BaseException as err:  # noqa: BLE001 - every waiter learns of the failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err if isinstance(err, Exception)
+                                         else RuntimeError(repr(err)))
+        finally:
+            self.in_flight -= 1
+            self._send()
+
+
+async def fan_out(calls: Sequence[Callable[[], Awaitable[Any]]], names: Sequence[str],
+                  timeout_s: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run every call concurrently, each under ``timeout_s``: (answers, errors) by name. An
+    exception is logged with its name; its error is "<name> failed; ..." (exception texts
+    hold paths and internals that callers must not see)."""
+
+    async def one(name: str, call: Callable[[], Awaitable[Any]]):
+        pending = None
+        try:
+            pending = call()
+            return name, await asyncio.wait_for(pending, timeout_s), None
+        except asyncio.TimeoutError:
+            cancel = getattr(pending, "cancel", None)
+            if cancel is not None:
+                try:
+                    cancel()
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+            return name, None, f"no answer within {timeout_s:g} s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a shard failure is reported, never raised
+            log.warning("search call %s failed: %s: %s", name, type(err).__name__, err)
+            return name, None, f"{name} {SHARD_FAILED}"
+
+    answers, errors = {}, {}
+    for name, got, error in await asyncio.gather(*(one(n, c) for n, c in zip(names, calls))):
+        if error is None:
+            answers[name] = got
+        else:
+            errors[name] = error
+    return answers, errors
+
+
+def encode_requests(encoder, requests: Sequence[tuple[str, Sequence[str]]]
+                    ) -> list[tuple[np.ndarray, list[int]]]:
+    """``(kind, texts)`` per request -> ``(vectors [n, dim] float32, tokens per text)`` per
+    request: the texts of every request of one kind are tokenized and embedded together."""
+    out: list[Any] = [None] * len(requests)
+    for kind in {k for k, _ in requests}:
+        members = [i for i, (k, _) in enumerate(requests) if k == kind]
+        ids = encoder.tokenize([t for i in members for t in requests[i][1]], kind)
+        vectors = encoder.encode_ids(ids)
+        at = 0
+        for i in members:
+            n = len(requests[i][1])
+            out[i] = (vectors[at:at + n], [len(row) for row in ids[at:at + n]])
+            at += n
+    return out
