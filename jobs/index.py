@@ -4,6 +4,7 @@ Reads an embedding folder (``retriever.io.embeddings``), trains IVF quantisers o
 builds the N shards (in this process, or as Ray tasks with ``--workers W``), measures recall@10
 against exact search for IVF-PQ / HNSW and picks ``nprobe`` / ``efSearch``, and writes
 ``shard-*.faiss``, ``shard-*.ids.parquet`` and ``manifest.json`` (last) under ``--out``
+(with ``--sparse true`` also BM25 shards ``shard-*.bm25.npz`` of the same documents)
 (default ``<store>/indexes/<corpus>/<model>/<type>-<N>`` when the embeddings sit at
 ``<store>/embeddings/<corpus>/<model>``). See ``retriever/index/build.py``.
 """
@@ -28,6 +29,10 @@ def describe(manifest: dict) -> str:
     lines = [f"{manifest['type']} index ({manifest['factory']}, {manifest['metric']}): "
              f"{manifest['rows']} rows x {manifest['dim']} dims in {len(rows)} shards {rows}, "
              f"{manifest['seconds']:.1f} s"]
+    size = manifest.get("bytes_per_vector")
+    if size:  # the shard files over their rows, next to the capacity plan's figure
+        planned = f", planned {size['planned']:.1f}" if size.get("planned") else ""
+        lines.append(f"bytes per vector: {size['measured']:.1f} (shard files){planned}")
     recall = manifest.get("recall")
     if recall:
         curve = ", ".join(f"{v}: {r:.3f}" for v, r in recall["per_value"].items())
@@ -35,6 +40,12 @@ def describe(manifest: dict) -> str:
                      f"{recall['queries_from']}): {recall['value']:.4f} at {recall['param']}="
                      f"{recall['chosen']} (target {recall['target']}); {recall['param']} -> "
                      f"recall: {curve}")
+    sparse = manifest.get("sparse")
+    if sparse:
+        stats = sparse["stats"]
+        lines.append(f"BM25 shards {[s['rows'] for s in sparse['shards']]} "
+                     f"({'reused' if sparse.get('reused') else 'built'}): {stats['docs']} docs, "
+                     f"{stats['terms']} terms, average length {stats['avg_len']:.1f}")
     lines.append(f"{'reused' if manifest.get('reused') else 'wrote'} {manifest['out']}"
                  "/manifest.json")
     return "\n".join(lines)

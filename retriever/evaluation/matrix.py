@@ -1,8 +1,9 @@
 """An evaluation matrix: models x datasets, each cell a run keyed by what decides its numbers.
 
-A model entry is a string (``bm25``, a packaged name, a path) or a mapping with ``name``,
-``model`` and any other ``EncoderConfig`` field (``prompt``, ``pooling``, prefixes, max
-lengths, ``dtype``, ...).
+A model entry is a string (``bm25``, a packaged name, a path, or a hybrid ``bm25+<model>``)
+or a mapping with ``name``, ``model`` and any other ``EncoderConfig`` field (``prompt``,
+``pooling``, prefixes, max lengths, ``dtype``, ...); a hybrid's mapping may also set
+``fusion`` (rrf | weighted), ``rrf_k`` and ``hybrid_weight`` (``retriever.index.fusion``).
 A dataset entry is a path/URL or a mapping with ``name``, ``path`` and ``split``.
 
 A run's key hashes the model spec, the model weights' fingerprint, the dataset files' sizes and
@@ -18,9 +19,12 @@ from dataclasses import dataclass, field, fields
 
 from retriever.io import store
 from retriever.errors import InputError
+from retriever.index.fusion import FusionConfig, hybrid_dense_model
 
 # A cell's per-query metric values ({metric: {query id: value}}), unrounded.
 PER_QUERY = "per_query.json"
+# A hybrid entry's fusion options -> FusionConfig fields.
+FUSION_OPTIONS = {"fusion": "method", "rrf_k": "rrf_k", "hybrid_weight": "weight"}
 
 
 def _encoder_options() -> set[str]:
@@ -35,35 +39,60 @@ class ModelSpec:
     name: str
     model: str
     options: tuple = ()  # sorted (key, value) pairs of Encoder options
+    fusion: FusionConfig | None = None  # set for a hybrid (bm25+<model>) only
 
     @property
     def is_bm25(self) -> bool:
         return self.model == "bm25"
 
+    @property
+    def dense_model(self) -> str | None:
+        """A hybrid's dense model (``bm25+minilm`` -> ``minilm``), else None."""
+        return hybrid_dense_model(self.model)
+
+    @property
+    def artefact_name(self) -> str:
+        """Names its embeddings and index folders: a hybrid shares its dense model's."""
+        dense = self.dense_model
+        return _last_segment(dense) if dense else self.name
+
     def encoder_options(self) -> dict:
         return dict(self.options)
 
     def encoder_config(self):
-        """The ``EncoderConfig`` this entry names (not for ``bm25``)."""
+        """The ``EncoderConfig`` this entry names (a hybrid's dense model; not for ``bm25``)."""
         from retriever.modeling.encoder import EncoderConfig
 
-        return EncoderConfig(model=self.model, **self.encoder_options())
+        return EncoderConfig(model=self.dense_model or self.model, **self.encoder_options())
 
     @classmethod
     def parse(cls, entry) -> "ModelSpec":
         if isinstance(entry, str):
-            return cls(name=_last_segment(entry), model=entry)
+            return cls(name=_last_segment(entry), model=entry,
+                       fusion=FusionConfig() if hybrid_dense_model(entry) else None)
         if not isinstance(entry, dict) or "model" not in entry:
             raise InputError(f"model entry {entry!r}: expected a name/path or a mapping with "
                              "'model'")
+        label = repr(entry.get("name", entry["model"]))
+        hybrid = hybrid_dense_model(entry["model"]) is not None
         allowed = _encoder_options()
-        unknown = set(entry) - allowed - {"name", "model"}
+        unknown = set(entry) - allowed - {"name", "model"} - (set(FUSION_OPTIONS) if hybrid
+                                                              else set())
         if unknown:
-            raise InputError(f"model entry {entry.get('name', entry['model'])!r}: unknown "
-                             f"option(s) {', '.join(sorted(unknown))}")
+            raise InputError(f"model entry {label}: unknown option(s) "
+                             f"{', '.join(sorted(unknown))}"
+                             + (" (fusion options are for bm25+<model> entries)"
+                                if unknown & set(FUSION_OPTIONS) else ""))
         options = tuple(sorted((k, v) for k, v in entry.items() if k in allowed))
         name = entry.get("name") or _last_segment(entry["model"])
-        return cls(name=name, model=entry["model"], options=options)
+        fusion = None
+        if hybrid:
+            try:
+                fusion = FusionConfig(**{field: entry[key] for key, field
+                                         in FUSION_OPTIONS.items() if key in entry})
+            except (InputError, TypeError) as err:
+                raise InputError(f"model entry {label}: {err}") from err
+        return cls(name=name, model=entry["model"], options=options, fusion=fusion)
 
 
 def _last_segment(path: str) -> str:

@@ -1,7 +1,8 @@
 """Evaluate a retriever on a test collection: retrieve for every judged query, then score.
 
 The pieces a job composes: :func:`dense_run` (Encoder + exact FAISS search),
-:func:`bm25_run`, and :func:`score_run` (metrics with trec_eval semantics + counts).
+:func:`bm25_run`, :func:`hybrid_run` (both, fused by ``retriever.index.fusion``), and
+:func:`score_run` (metrics with trec_eval semantics + counts).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 
 from retriever.evaluation import metrics
 from retriever.index.bm25 import BM25Config, BM25Index
+from retriever.index.fusion import FusionConfig, depth, fuse_all
 from retriever.io.formats import Dataset
 from retriever.modeling.encoder import Encoder
 from retriever.index.ranking import Run, drop_identical_ids
@@ -39,6 +41,22 @@ def bm25_run(dataset: Dataset, k: int = 1000,
     hits = index.search(list(queries.values()), k)
     timing = {"index_s": indexed - started, "search_s": time.perf_counter() - indexed}
     return dict(zip(queries, hits)), timing
+
+
+def hybrid_run(encoder: Encoder, dataset: Dataset, k: int = 1000,
+               fusion: FusionConfig | None = None,
+               config: BM25Config | None = None) -> tuple[Run, dict]:
+    """BM25 and the dense run, each to ``fusion.depth(k)``, fused into the top ``k`` (what a
+    hybrid search over sharded indexes answers: fusion after each ranking's global merge)."""
+    fusion = fusion or FusionConfig()
+    fetch = depth(k)
+    dense, dense_timing = dense_run(encoder, dataset, fetch)
+    sparse, sparse_timing = bm25_run(dataset, fetch, config)
+    started = time.perf_counter()
+    fused = fuse_all([dense[q] for q in dense], [sparse[q] for q in dense], k, fusion)
+    timing = {**dense_timing, **{f"bm25_{name}": value for name, value in sparse_timing.items()},
+              "fusion_s": time.perf_counter() - started}
+    return dict(zip(dense, fused)), timing
 
 
 def score_run(dataset: Dataset, run: Run, ignore_identical_ids: bool = False) -> dict:

@@ -9,6 +9,7 @@ know the positives' scores exactly).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,6 +28,20 @@ class BM25Config:
     stemmer: str = "english"
 
 
+@functools.lru_cache(maxsize=None)
+def _stemmer(name: str):
+    import Stemmer
+
+    return Stemmer.Stemmer(name)
+
+
+def tokenize(texts: Sequence[str], config: BM25Config) -> list[list[str]]:
+    """Each text's terms as BM25 sees them (lower-cased, stopwords removed, stemmed)."""
+    return bm25s.tokenize(list(texts), stopwords=config.stopwords,
+                          stemmer=_stemmer(config.stemmer) if config.stemmer else None,
+                          return_ids=False, show_progress=False)
+
+
 class BM25Index:
     def __init__(self, passages: Sequence[str], ids: Sequence[str],
                  config: BM25Config | None = None):
@@ -42,9 +57,24 @@ class BM25Index:
                                 stemmer=self._stemmer, show_progress=False)
         self._bm25.index(tokens, show_progress=False)
 
+    @classmethod
+    def from_columns(cls, scores: dict, terms: Sequence[str], ids: Sequence[str],
+                     config: BM25Config | None = None) -> "BM25Index":
+        """An index over precomputed per-term score columns: ``scores`` holds bm25s' CSC
+        arrays (``data``, ``indices``, ``indptr``; documents x ``terms``), e.g. a shard scored
+        with corpus-wide statistics (``retriever.index.sparse``)."""
+        index = cls.__new__(cls)
+        index.config, index.ids = config or BM25Config(), list(ids)
+        index._bm25 = bm25s.BM25(k1=index.config.k1, b=index.config.b,
+                                 method=index.config.method)
+        index._bm25.scores = {**scores, "num_docs": len(index.ids)}
+        index._bm25.vocab_dict = {term: column for column, term in enumerate(terms)}
+        index._bm25.unique_token_ids_set = set(range(len(terms)))
+        index._bm25.nonoccurrence_array = None
+        return index
+
     def _query_tokens(self, queries: Sequence[str]) -> list[list[str]]:
-        return bm25s.tokenize(list(queries), stopwords=self.config.stopwords,
-                              stemmer=self._stemmer, return_ids=False, show_progress=False)
+        return tokenize(queries, self.config)
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         fetch = min(len(self.ids), k + TIE_MARGIN)

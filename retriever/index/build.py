@@ -7,7 +7,9 @@ and ``nprobe`` / ``efSearch`` chosen to reach ``target_recall``. The default out
 ``<store>/indexes/<corpus>/<model>/<type>-<N>`` when the embeddings sit at
 ``<store>/embeddings/<corpus>/<model>``. See :mod:`retriever.index.shards` for the format.
 A finished index of the same embeddings and settings at ``out`` is reused; one of others is
-refused unless ``replace`` (then rebuilt, its manifest written last).
+refused unless ``replace`` (then rebuilt, its manifest written last). With ``sparse``, BM25
+shards of the same documents and shard plan are built beside the dense ones from the corpus
+the embeddings were encoded from (:mod:`retriever.index.sparse`; reused the same way).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class IndexBuildConfig:
     queries: str | None = field(default=None, metadata={
         "help": "embedding folder of query vectors for the recall measurement "
                 "(default: sampled documents, each one's own doc excluded)"})
-    refine: str = field(default="SQ8", metadata={
-        "help": "ivfpq: re-rank candidates with SQ8 | SQfp16 | Flat codes, or none"})
+    refine: str = field(default="default", metadata={
+        "help": "ivfpq / sq8 / binary: rescore candidates with SQ8 | SQfp16 | Flat codes, or "
+                "none; default: the type's own (ivfpq SQ8, sq8 SQfp16, binary SQ8)"})
     k_factor: int = field(default=4, metadata={"help": "ivfpq: re-ranked = k_factor x k"})
     train_sample: int = field(default=100_000, metadata={"help": "IVF training sample size"})
     seed: int = 0
@@ -60,6 +63,10 @@ class IndexBuildConfig:
     workers: int = field(default=0, metadata={
         "help": "0: build shards in this process; W>0: as Ray tasks, at most W at a time"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs per shard task"})
+    sparse: bool = field(default=False, metadata={
+        "help": "also build BM25 shards (same documents and shard plan) for hybrid search"})
+    corpus: str | None = field(default=None, metadata={
+        "help": "sparse: the corpus URL (default: the one the embeddings manifest records)"})
     replace: bool = field(default=False, metadata={
         "help": "rebuild over an index of other embeddings or settings at --out (an index "
                 "of the same ones is always reused)"})
@@ -103,6 +110,14 @@ def ray_runner(workers: int, cpus: float, gpu: str | bool = "auto"):
     return run_all
 
 
+def _build_sparse(config: IndexBuildConfig, out: str, manifest: dict) -> dict:
+    """The dense index's manifest with its BM25 shards (built, or reused when finished)."""
+    from retriever.index import sparse
+
+    corpus = sparse.CorpusSpec.of_embeddings(config.embeddings, config.corpus)
+    return {**sparse.build(out, corpus), "reused": manifest.get("reused", False)}
+
+
 def build_index(config: IndexBuildConfig) -> dict:
     """Build the index, or reuse the finished one at ``out`` built from the same embeddings
     with the same settings (``reused: True``); returns its manifest with ``out`` and
@@ -124,6 +139,8 @@ def build_index(config: IndexBuildConfig) -> dict:
                         train_sample=config.train_sample, recall_queries=config.recall_queries,
                         seed=config.seed, gpu=config.gpu, queries=config.queries,
                         run_all=run_all, replace=config.replace)
+    if config.sparse:
+        manifest = _build_sparse(config, out, manifest)
     manifest["out"] = out
     manifest["seconds"] = time.time() - started
     return manifest

@@ -5,9 +5,12 @@ In: a :class:`MatrixConfig`. Out: one :class:`RunRecord` per cell, each written 
 ``<out>/<model>/<dataset>/``, and
 the report (``retriever.evaluation.matrix_report``). A dense cell encodes the corpus on Ray
 Data (``retriever.pipelines.encode``) and builds its index (``retriever.index.build``); BM25
-and the dense query encoding plus search run as Ray tasks. A finished cell (same key) is read
-back instead of recomputed; embeddings and indexes under the store root are shared by
-matrices, reused when their identity matches and rebuilt in place when it does not.
+and the dense query encoding plus search run as Ray tasks. A hybrid cell (``bm25+<model>``)
+is a dense cell whose index (its dense model's) also has BM25 shards
+(``retriever.index.sparse``): its Ray task merges each ranking over the shards, then fuses
+the two (``retriever.index.fusion``). A finished cell (same key) is read back instead of
+recomputed; embeddings and indexes under the store root are shared by matrices, reused when
+their identity matches and rebuilt in place when it does not.
 """
 
 from __future__ import annotations
@@ -70,6 +73,19 @@ def _search_task(index_folder: str, model: str, options: dict, queries: list[str
     return sh.search_all(sh.load_all(index_folder), vectors, k)
 
 
+def _hybrid_task(index_folder: str, model: str, options: dict, queries: list[str], k: int,
+                 fusion, allow_asymmetric: bool = False):
+    """The fused top-k: the dense and the BM25 shards' rankings, each merged to the global
+    top-``depth(k)``, then fused (as the Serve app's hybrid search)."""
+    from retriever.index import sparse
+    from retriever.index.fusion import depth, fuse_all
+
+    fetch = depth(k)
+    dense = _search_task(index_folder, model, options, queries, fetch, allow_asymmetric)
+    bm25 = sparse.search_all(sparse.load_all(index_folder), queries, fetch)
+    return fuse_all(dense, bm25, k, fusion)
+
+
 def _bm25_task(path: str, split: str, k: int):
     from retriever.evaluation.retrieval import bm25_run
     from retriever.io.formats import load_dataset
@@ -85,7 +101,14 @@ def plan_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, files: 
     if not model.is_bm25:
         settings.update(index_type=config.index_type, shards=config.shards,
                         embedding_dtype=config.embedding_dtype)
-    model_hash = "bm25" if model.is_bm25 else resolve_model(model.model).fingerprint()
+    if model.fusion is not None:
+        from dataclasses import asdict
+
+        from retriever.index.bm25 import BM25Config
+
+        settings.update(model.fusion.settings(), bm25=asdict(BM25Config()))
+    model_hash = ("bm25" if model.is_bm25 else
+                  resolve_model(model.dense_model or model.model).fingerprint())
     data_hash = dataset_fingerprint(files)
     return Cell(model, spec, store.join(out, model.name, spec.name), settings, model_hash,
                 data_hash, cell_key(model, model_hash, data_hash, settings))
@@ -93,15 +116,15 @@ def plan_cell(config: MatrixConfig, model: ModelSpec, spec: DatasetSpec, files: 
 
 def dense_run(config: MatrixConfig, cell: Cell, queries: dict, root: str
               ) -> tuple[dict, dict, dict]:
-    """Encode the corpus on Ray Data, build the index, search the queries in a Ray task:
-    (run, throughput, artefact folders)."""
+    """Encode the corpus on Ray Data, build the index (with BM25 shards for a hybrid), search
+    the queries in a Ray task (fused for a hybrid): (run, throughput, artefact folders)."""
     import ray
 
     from retriever.index.build import IndexBuildConfig, build_index
     from retriever.pipelines.encode import EncodeOptions, encode_corpus
 
     model, spec = cell.model, cell.spec
-    named = f"{model.name}-{cell.model_hash}"
+    named = f"{model.artefact_name}-{cell.model_hash}"
     emb_folder = store.join(root, "embeddings", f"{spec.name}-{cell.data_hash}", named)
     encoded = encode_corpus(spec.path, EncodeOptions(
         encoder=model.encoder_config(), embedding_dtype=config.embedding_dtype), emb_folder)
@@ -114,10 +137,13 @@ def dense_run(config: MatrixConfig, cell: Cell, queries: dict, root: str
                               f"{config.index_type}-{config.shards}")
     # Shared by matrices: reused when built from these embeddings, else rebuilt in place.
     build_index(IndexBuildConfig(embeddings=emb_folder, out=index_folder, shards=config.shards,
-                                 type=config.index_type, replace=True))
-    hits = ray.get(ray.remote(num_cpus=0.5)(_search_task).remote(
-        index_folder, model.model, model.encoder_options(), list(queries.values()),
-        config.top_k, config.allow_asymmetric_encoder))
+                                 type=config.index_type, replace=True,
+                                 sparse=model.fusion is not None))
+    dense_model, options = model.dense_model or model.model, model.encoder_options()
+    task = ray.remote(num_cpus=0.5)(_search_task if model.fusion is None else _hybrid_task)
+    extra = () if model.fusion is None else (model.fusion,)
+    hits = ray.get(task.remote(index_folder, dense_model, options, list(queries.values()),
+                               config.top_k, *extra, config.allow_asymmetric_encoder))
     return (dict(zip(queries, hits)), throughput,
             {"embeddings": emb_folder, "index": index_folder})
 
