@@ -77,3 +77,86 @@ def test_throughput_cost_per_million_docs():
                              price_per_hour=3.6, hardware="2-core CPU")
     # 1e6 docs / 100 docs/s = 10,000 s = 2.78 h x $3.6 = $10.00
     assert "| minilm | scifact | 5183 | 100.0 | 25000 | 10.00 |" in table
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def _paired_scores(n=120, seed=3):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 1, n)
+    better = np.clip(base + rng.normal(0.05, 0.1, n), 0, 1)
+    return base, better
+
+
+def test_bootstrap_intervals_match_scipy_paired_bootstrap():
+    """The cell intervals and the interval of a paired difference against
+    scipy.stats.bootstrap (percentile method, paired=True), to Monte Carlo error."""
+    import numpy as np
+
+    from retriever.evaluation.statistics import bootstrap_difference, bootstrap_intervals
+
+    base, better = _paired_scores()
+    queries = [f"q{i}" for i in range(len(base))]
+    intervals = bootstrap_intervals({"bm25": dict(zip(queries, base)),
+                                     "dense": dict(zip(queries, better))})
+    for name, values in (("bm25", base), ("dense", better)):
+        ref = stats.bootstrap((values,), np.mean, n_resamples=10_000, method="percentile",
+                              confidence_level=0.95, random_state=1).confidence_interval
+        assert intervals[name] == pytest.approx((ref.low, ref.high), abs=0.004)
+        assert intervals[name][0] < values.mean() < intervals[name][1]
+    ref = stats.bootstrap((better, base), lambda a, b, axis=-1: np.mean(a - b, axis=axis),
+                          paired=True, n_resamples=10_000, method="percentile",
+                          random_state=1).confidence_interval
+    low, high = bootstrap_difference(list(better), list(base))
+    assert (low, high) == pytest.approx((ref.low, ref.high), abs=0.003)
+    assert 0 < low < high  # the known shift of +0.05 is detected
+    # deterministic: a fixed seed
+    assert bootstrap_difference(list(better), list(base)) == (low, high)
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    from retriever.evaluation.statistics import holm
+
+    for pvalues in ([0.01, 0.04, 0.03, 0.005, 0.5], [0.2, 0.2, 0.01], [0.9], [0.3, 0.001, 0.02,
+                                                                              0.04, 0.04, 1.0]):
+        expected = multipletests(pvalues, alpha=0.05, method="holm")[1]
+        assert holm(pvalues) == pytest.approx(list(expected), abs=1e-12)
+    assert holm([]) == []
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        holm([0.5, 1.5])
+
+
+def test_statistics_table_counts_wins_ties_losses_and_adjusts_p():
+    from retriever.evaluation.report import comparisons, significance, statistics_table
+
+    results = _results()
+    rows = {(c.dataset, c.model): c for c in comparisons(results, "bm25")}
+    strong = rows[("scifact", "minilm")]
+    assert strong.queries == 30 and strong.wins_ties_losses == (30, 0, 0)
+    assert strong.difference == pytest.approx(0.8 - 0.345)
+    assert rows[("cranfield", "minilm")].wins_ties_losses == (0, 30, 0)
+    assert rows[("scifact", "other")].wins_ties_losses == (15, 0, 15)
+    assert rows[("scifact", "bm25")].p is None  # the baseline is not compared to itself
+    raw = significance(results, "bm25")
+    assert len(raw) == 3  # comparisons made: scifact minilm/other, cranfield minilm
+    for key, p in raw.items():
+        assert rows[key].p == p and p <= rows[key].p_holm <= min(1.0, 3 * p)
+    lo, hi = strong.interval
+    assert lo == hi == pytest.approx(0.8)  # constant scores: a zero-width interval
+    table = statistics_table(results, "bm25")
+    assert "| scifact | minilm | 30 | 0.8000 | [0.8000, 0.8000] | 0.4550 |" in table
+    assert "| 30 / 0 / 0 |" in table and "Holm" in table
+
+
+def test_loss_curve_png():
+    from retriever.evaluation.report import loss_curve_png
+
+    png = loss_curve_png([{"step": s, "loss": 2.0 / s} for s in range(1, 20)], "run")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 3000
+    with pytest.raises(ValueError, match="no losses"):
+        loss_curve_png([], "run")

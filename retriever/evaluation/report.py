@@ -2,7 +2,11 @@
 
 The table is shaped like the papers' tables: datasets as rows, models as columns, an average
 row, the best score per row in bold, and a dagger where a model differs from the baseline by
-a two-sided paired t-test over per-query scores with p < 0.05.
+a two-sided paired t-test over per-query scores with p < 0.05 after Holm's correction across
+all the comparisons in the table. :func:`statistics_table` gives each cell's 95% paired
+bootstrap interval, the number of queries, and against the baseline the difference with its
+interval, the raw and Holm-adjusted p-values and the per-query wins/ties/losses
+(``retriever.evaluation.statistics``); :func:`loss_curve_png` plots a training run's losses.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ Results = dict[str, dict[str, Cell]]
 
 
 def significance(results: Results, baseline: str) -> dict[tuple[str, str], float]:
-    """p-values of every model against ``baseline`` per dataset, over shared queries."""
+    """Raw p-values of every model against ``baseline`` per dataset, over shared queries."""
     out = {}
     for dataset, row in results.items():
         if baseline not in row:
@@ -64,12 +68,92 @@ def significance(results: Results, baseline: str) -> dict[tuple[str, str], float
     return out
 
 
+def holm_significance(results: Results, baseline: str) -> dict[tuple[str, str], float]:
+    """:func:`significance`'s p-values adjusted by Holm across all of its comparisons."""
+    from retriever.evaluation.statistics import holm
+
+    raw = significance(results, baseline)
+    return dict(zip(raw, holm(list(raw.values()))))
+
+
+@dataclass
+class Comparison:
+    """One cell's statistics (``model`` on ``dataset``); the ``*_vs`` fields are against the
+    baseline and None for the baseline itself or where it has no scores."""
+
+    dataset: str
+    model: str
+    queries: int
+    mean: float
+    interval: tuple[float, float]
+    difference: float | None = None
+    difference_interval: tuple[float, float] | None = None
+    p: float | None = None
+    p_holm: float | None = None
+    wins_ties_losses: tuple[int, int, int] | None = None
+
+
+def comparisons(results: Results, baseline: str | None) -> list[Comparison]:
+    """Every cell with per-query scores: its bootstrap interval and, against ``baseline``,
+    the paired difference, p-values (raw and Holm-adjusted) and wins/ties/losses."""
+    from retriever.evaluation.statistics import (aligned, bootstrap_difference,
+                                                 bootstrap_intervals, wins_ties_losses)
+
+    adjusted = holm_significance(results, baseline) if baseline else {}
+    raw = significance(results, baseline) if baseline else {}
+    out = []
+    for dataset, row in results.items():
+        scored = {m: c.per_query for m, c in row.items() if c.per_query}
+        if not scored:
+            continue
+        _, shared, _ = aligned(scored)
+        intervals = bootstrap_intervals(scored)
+        base = scored.get(baseline) if baseline else None
+        for model, per_query in scored.items():
+            values = [per_query[q] for q in shared]
+            item = Comparison(dataset, model, len(shared), sum(values) / max(len(values), 1),
+                              intervals.get(model, (math.nan, math.nan)))
+            if base is not None and model != baseline and shared:
+                reference = [base[q] for q in shared]
+                item.difference = item.mean - sum(reference) / len(reference)
+                item.difference_interval = bootstrap_difference(values, reference)
+                item.p, item.p_holm = raw.get((dataset, model)), adjusted.get((dataset, model))
+                item.wins_ties_losses = wins_ties_losses(values, reference)
+            out.append(item)
+    return out
+
+
+def statistics_table(results: Results, baseline: str | None, metric: str = "ndcg@10") -> str:
+    """Markdown: one row per cell with its interval, queries and comparison to the baseline."""
+    from retriever.evaluation.statistics import CONFIDENCE, RESAMPLES
+
+    number = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    span = lambda i: "-" if i is None else f"[{i[0]:.4f}, {i[1]:.4f}]"  # noqa: E731
+    pvalue = lambda p: "-" if p is None else f"{p:.2g}"  # noqa: E731
+    lines = [f"{metric}: mean over the queries every model of the dataset scored, its "
+             f"{CONFIDENCE:.0%} paired bootstrap interval ({RESAMPLES} resamples of the "
+             "queries, the same for every model, seed 0)"
+             + (f"; against {baseline}: difference with its interval, two-sided paired t-test "
+                "p-value, Holm-adjusted across all comparisons, and per-query wins / ties / "
+                "losses" if baseline else ""), "",
+             "| dataset | model | queries | mean | 95% CI | Δ vs baseline | Δ 95% CI | p | "
+             "p (Holm) | W / T / L |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in comparisons(results, baseline):
+        wtl = "-" if c.wins_ties_losses is None else " / ".join(map(str, c.wins_ties_losses))
+        lines.append(f"| {c.dataset} | {c.model} | {c.queries} | {c.mean:.4f} | "
+                     f"{span(c.interval)} | {number(c.difference)} | "
+                     f"{span(c.difference_interval)} | {pvalue(c.p)} | {pvalue(c.p_holm)} | "
+                     f"{wtl} |")
+    return "\n".join(lines)
+
+
 def markdown_table(results: Results, models: list[str], metric: str = "ndcg@10",
                    baseline: str | None = None) -> str:
-    pvalues = significance(results, baseline) if baseline else {}
+    pvalues = holm_significance(results, baseline) if baseline else {}
     head = "| dataset | " + " | ".join(models) + " |"
     lines = [f"{metric}" + (f" (dagger: p < {SIGNIFICANCE} vs {baseline}, two-sided paired "
-                            "t-test)" if baseline else ""), "", head,
+                            "t-test, Holm-adjusted across the table's comparisons)"
+                            if baseline else ""), "", head,
              "|---|" + "---:|" * len(models)]
     columns: dict[str, list[float]] = {m: [] for m in models}
     for dataset, row in results.items():
@@ -120,11 +204,38 @@ def bar_chart_png(results: Results, models: list[str], metric: str = "ndcg@10") 
     ax.set_title(f"{metric.upper().replace('RECALL', 'Recall')} per dataset and model")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="model", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (and closed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def loss_curve_png(history: list[dict], title: str) -> bytes:
+    """The training loss per optimizer step (``history``: the run's ``metrics.jsonl`` rows,
+    each with ``step`` and ``loss``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in history if r.get("loss") is not None]
+    if not rows:
+        raise ValueError(f"{title}: no losses recorded")
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=110)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (InfoNCE)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
 
 
 PAGE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
