@@ -70,6 +70,7 @@ class CorpusSpec:
     docs_per_shard: int = 1000
     on_bad_input: str = "error"
     fingerprint: str | None = None  # the encode job's: sha256 over its shards' input hashes
+    read_bytes: int | None = None  # the encode job's read ranges (they cut its shard plan)
 
     @classmethod
     def of_embeddings(cls, embeddings_url: str, corpus: str | None = None) -> "CorpusSpec":
@@ -80,7 +81,8 @@ class CorpusSpec:
         manifest = embeddings.read_manifest(embeddings_url)
         encode = manifest.get("encode", {})
         options = {"docs_per_shard": int(encode.get("docs_per_shard", 1000)),
-                   "on_bad_input": encode.get("on_bad_input", "error")}
+                   "on_bad_input": encode.get("on_bad_input", "error"),
+                   "read_bytes": (encode.get("read") or {}).get("read_bytes")}
         if corpus:
             return cls(CorpusSource.open(corpus).files, **options)
         files = manifest.get("source", {}).get("files")
@@ -104,7 +106,9 @@ class CorpusSpec:
         """(doc ids, passages, input sha256) per encode shard, in the encode job's order."""
         from retriever.io.corpus import iter_shards
 
-        for shard in iter_shards(self.files, self.docs_per_shard, self.on_bad_input):
+        recorded = {"read_bytes": self.read_bytes} if self.read_bytes else {}
+        for shard in iter_shards(self.files, self.docs_per_shard, self.on_bad_input,
+                                 **recorded):
             yield shard.doc_ids, shard.texts, shard.input_sha256
 
 
