@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("jobs.cluster", "local multi-node Ray cluster up/down/status (or ray up/down)"),
     "plan": ("jobs.plan", "capacity plan: GPU-hours, embedding/index bytes, shards, cost"),
     "split": ("jobs.split", "split a collection's queries into train/test BEIR folders by id hash"),
+    "code-collection": ("jobs.code_collection", "build a code-retrieval collection (BEIR) from "
+                                                "this Python's standard library"),
     "mine": ("jobs.mine", "mine hard negatives (BM25 + dense, false negatives filtered)"),
     "train": ("jobs.train", "LoRA fine-tuning on Ray Train (DeepSpeed ZeRO-3/ZeRO-2/DDP)"),
     "index": ("jobs.index", "build N FAISS shards (flat / IVF-PQ / HNSW) from embeddings"),
