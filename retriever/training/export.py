@@ -6,7 +6,9 @@ Both load with ``resolve_model`` / ``retriever eval --model DIR`` / the encode j
   ``retriever.json`` naming the base model (a packaged name or a path) and the embedding
   settings the adapter was trained with;
 - merged: the base with the LoRA update folded into its weights (``save_pretrained``,
-  safetensors), the tokenizer, and ``retriever.json``.
+  safetensors), the tokenizer, ``retriever.json``, and the sentence-transformers layout of the
+  same settings (``retriever.modeling.st_layout``: modules, pooling, prompts, for decoders a
+  tokenizer that appends EOS), so ``SentenceTransformer(merged)`` embeds as the Encoder does.
 
 Each directory gets ``identity.json`` last (the sha256 of every file in it,
 ``retriever.modeling.identity``): its content identity, which the model caches key by.
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from retriever.io import store
+from retriever.modeling import st_layout
 from retriever.modeling.identity import IDENTITY_FILE, write_identity
 from retriever.modeling.registry import SETTINGS_FILE, EncoderDefaults, write_settings
 
@@ -72,7 +75,9 @@ def merge_adapter(adapter_dir: str | Path, base_path: str, out_dir: str | Path,
     model = AutoModel.from_pretrained(base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_path).save_pretrained(str(out_dir))
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    st_layout.prepare_tokenizer(tokenizer, defaults, base_model).save_pretrained(str(out_dir))
+    st_layout.write_config(out_dir, defaults, model.config.hidden_size)
     write_settings(out_dir, defaults, merged_from=base_model, **extra)
     write_identity(out_dir)
 
