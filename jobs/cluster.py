@@ -1,6 +1,7 @@
 """``retriever cluster``: bring a Ray cluster up or down.
 
     retriever cluster up --local [--workers 2]     # head + N workers on 127.0.0.1
+    retriever cluster up --local --autoscale       # head alone; autoscaled aws.yaml groups
     retriever cluster status --local
     retriever cluster down --local
 
@@ -21,13 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from retriever.ops import autoscale
 from retriever.ops import cluster as lc
 
 
 def _resources(text: str | None) -> dict[str, float]:
-    if not text:
-        return {}
-    data = json.loads(text)
+    data = json.loads(text or "{}")
     if not isinstance(data, dict):
         raise argparse.ArgumentTypeError("--*-resources takes a JSON object")
     return {str(k): float(v) for k, v in data.items()}
@@ -41,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a head and N workers on this machine (127.0.0.1)")
     where.add_argument("--config", help="a Ray cluster launcher YAML (e.g. cluster/aws.yaml)")
     p.add_argument("--state", default=None, help="local cluster state file")
-    p.add_argument("--workers", type=int, default=1, help="worker nodes (default %(default)s)")
-    p.add_argument("--head-cpus", type=int, default=1)
-    p.add_argument("--worker-cpus", type=int, default=1)
-    p.add_argument("--worker-gpus", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="worker nodes (default 1; 0 "
+                   "with --autoscale)")
+    p.add_argument("--autoscale", nargs="?", const="cluster/aws.yaml", metavar="LAUNCHER_YAML",
+                   help="the head alone; Ray's autoscaler launches fake nodes of the launcher "
+                        "YAML's groups on demand (default: cluster/aws.yaml)")
+    p.add_argument("--idle-timeout-minutes", type=float, default=None,
+                   help="--autoscale: idle nodes leave after this (default: the launcher's)")
+    p.add_argument("--node-cpus", type=float, default=2.0, help="--autoscale: CPUs per node")
+    for name, default in (("--head-cpus", 1), ("--worker-cpus", 1), ("--worker-gpus", 0)):
+        p.add_argument(name, type=int, default=default)
     p.add_argument("--head-resources", default=None, help='extra head resources, JSON ({"x": 1})')
     p.add_argument("--worker-resources", default=None, help="extra resources on every worker, JSON")
     p.add_argument("--object-store-mb", type=int, default=256, help="per node (default %(default)s)")
@@ -73,47 +79,50 @@ def _launcher(args: argparse.Namespace) -> int:
     return subprocess.call([str(ray) if ray.exists() else "ray", *cmd[1:]])
 
 
+def _up(args: argparse.Namespace) -> int:
+    sizes = autoscale.FakeNodeSizes(args.node_cpus, args.object_store_mb // 2,
+                                    args.idle_timeout_minutes)
+    cfg = lc.LocalClusterConfig(
+        workers=0 if args.autoscale and args.workers is None else (args.workers or 1),
+        autoscale_from=args.autoscale, fake_nodes=sizes, head_cpus=args.head_cpus,
+        worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
+        head_resources=_resources(args.head_resources),
+        worker_resources=_resources(args.worker_resources),
+        object_store_memory=args.object_store_mb * 2**20, temp_dir=args.temp_dir,
+        state_path=args.state, timeout_s=args.timeout)
+    try:
+        cluster = lc.up(cfg)
+    except (lc.ClusterError, autoscale.InputError) as exc:
+        print(f"retriever cluster: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        return print(cluster.to_json()) or 0
+    auth = "RAY_AUTH_MODE=token " if cluster.auth == "token" else ""
+    print(f"local Ray cluster up: head + {cfg.workers} worker(s)" + (
+        f"; autoscaling {args.autoscale}'s groups ({cluster.autoscaling_config})"
+        if args.autoscale else "") +
+        f"\n  Job API / dashboard  {cluster.dashboard_url}\n  GCS address          "
+        f"{cluster.gcs_address}\n  temp dir (logs)      {cluster.temp_dir}\n  state        "
+        f"        {cluster.state_path}\nsubmit with:  retriever submit plan --docs 1e6   "
+        f"(finds this cluster by its state)\nor:           {auth}RAY_API_SERVER_ADDRESS="
+        f"{cluster.dashboard_url} ray job submit ...\ndrivers:      {auth}RAY_ADDRESS="
+        f"{cluster.gcs_address} retriever train ..." + (
+            "\n  (token auth is on: Ray's token in ~/.ray/auth_token; RAY_AUTH_MODE=disabled "
+            "before `up` turns it off)" if cluster.auth == "token" else "") +
+        "\nstop with:    retriever cluster down --local" +
+        (f" --state {shlex.quote(args.state)}" if args.state else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.config:
         return _launcher(args)
     if args.action == "up":
-        cfg = lc.LocalClusterConfig(
-            workers=args.workers, head_cpus=args.head_cpus, worker_cpus=args.worker_cpus,
-            worker_gpus=args.worker_gpus, head_resources=_resources(args.head_resources),
-            worker_resources=_resources(args.worker_resources),
-            object_store_memory=args.object_store_mb * 2**20, temp_dir=args.temp_dir,
-            state_path=args.state, timeout_s=args.timeout,
-        )
-        try:
-            cluster = lc.up(cfg)
-        except lc.ClusterError as exc:
-            print(f"retriever cluster: {exc}", file=sys.stderr)
-            return 1
-        if args.json:
-            print(cluster.to_json())
-        else:
-            print(f"local Ray cluster up: head + {args.workers} worker(s)")
-            print(f"  Job API / dashboard  {cluster.dashboard_url}")
-            print(f"  GCS address          {cluster.gcs_address}")
-            print(f"  temp dir (logs)      {cluster.temp_dir}")
-            print(f"  state                {cluster.state_path}")
-            print("submit with:  retriever submit plan --docs 1e6   (finds this cluster by its state)")
-            auth = "RAY_AUTH_MODE=token " if cluster.auth == "token" else ""
-            print(f"or:           {auth}RAY_API_SERVER_ADDRESS={cluster.dashboard_url} "
-                  "ray job submit ...")
-            print(f"drivers:      {auth}RAY_ADDRESS={cluster.gcs_address} retriever train ...")
-            if cluster.auth == "token":
-                print("  (token auth is on: Ray's token in ~/.ray/auth_token; "
-                      "RAY_AUTH_MODE=disabled before `up` turns it off)")
-            print("stop with:    retriever cluster down --local"
-                  + (f" --state {shlex.quote(args.state)}" if args.state else ""))
-        return 0
+        return _up(args)
     if args.action == "down":
-        existing = lc.load_state(args.state)
-        if existing is None:
-            print("retriever cluster: no local cluster recorded", file=sys.stderr)
-            return 0
+        if (existing := lc.load_state(args.state)) is None:
+            return print("retriever cluster: no local cluster recorded", file=sys.stderr) or 0
         groups = lc.down(args.state, keep_temp=args.keep_logs)
         print(f"local Ray cluster down ({len(groups)} node(s) stopped"
               + (f"; logs kept in {existing.temp_dir}" if args.keep_logs else "") + ")")
@@ -129,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in info["nodes"]:
             print(f"  {n['role']:<10} pid {n['pid']:<8} {'alive' if n['alive'] else 'DEAD'}  "
                   f"{json.dumps(n['resources'])}")
+        if "groups" in info:
+            print(f"  autoscaled worker nodes by group: {json.dumps(info['groups'])}")
     return 0 if info["running"] else 1
-
 
 if __name__ == "__main__":
     from jobs.cli import main as cli

@@ -382,3 +382,31 @@ def test_ray_version_is_the_same_everywhere(aws, manifests):
             if "docker" in v]:
         versions.add(re.match(r"rayproject/ray:(\d+\.\d+\.\d+)", image).group(1))
     assert len(versions) == 1, versions
+
+
+def test_local_autoscaling_config_mirrors_the_launcher_groups(aws):
+    """`retriever cluster up --local --autoscale`'s config: Ray's schema holds, the groups
+    keep their names, limits and custom resources, GPUs become the fake_gpu resource, and
+    the head takes no work."""
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import validate_config
+
+    from retriever.ops import autoscale
+
+    config = autoscale.local_config(aws, "127.0.0.1:6379", {"head": 1},
+                                    autoscale.FakeNodeSizes(node_cpus=2, idle_timeout_minutes=0.5))
+    validate_config(config)  # what Ray's monitor runs on it
+    assert config["provider"]["type"] == "fake_multinode"
+    assert config["idle_timeout_minutes"] == 0.5 and config["max_workers"] == aws["max_workers"]
+    head = config["available_node_types"].pop(config["head_node_type"])
+    assert head["resources"]["CPU"] == 0
+    groups = {k: v for k, v in aws["available_node_types"].items() if k != aws["head_node_type"]}
+    assert set(config["available_node_types"]) == set(groups)
+    for name, group in groups.items():
+        local = config["available_node_types"][name]
+        assert (local["min_workers"], local["max_workers"]) == (group["min_workers"],
+                                                                group["max_workers"])
+        custom = {k: v for k, v in group["resources"].items() if k not in ("CPU", "GPU")}
+        assert {k: local["resources"][k] for k in custom} == custom
+        assert "GPU" not in local["resources"]
+        assert local["resources"].get(autoscale.FAKE_GPU, 0) == group["resources"].get("GPU", 0)

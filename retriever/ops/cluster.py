@@ -47,6 +47,8 @@ from typing import Any
 
 import httpx
 
+from retriever.ops import autoscale
+
 HOST = "127.0.0.1"
 
 
@@ -71,6 +73,11 @@ class LocalClusterConfig:
     temp_dir: str | None = None  # default: a fresh /tmp/rtc-<hex>
     state_path: str | None = None  # default: default_state_path()
     timeout_s: float = 120.0
+    # A launcher YAML (cluster/aws.yaml): no fixed workers; Ray's autoscaler launches fake
+    # nodes of its groups on demand (retriever.ops.autoscale). The head then takes no work.
+    autoscale_from: str | None = None
+    fake_nodes: autoscale.FakeNodeSizes = field(default_factory=autoscale.FakeNodeSizes)
+    autoscaler_update_s: float = 1.0  # how often the autoscaler looks (Ray's default: 5)
 
 
 @dataclass
@@ -94,6 +101,7 @@ class LocalCluster:
     created: float = field(default_factory=time.time)
     python: str = sys.executable
     auth: str = "disabled"  # "token" when the nodes were started with RAY_AUTH_MODE=token
+    autoscaling_config: str | None = None  # the autoscaler's config file, when autoscaling
 
     @property
     def address(self) -> str:
@@ -308,6 +316,24 @@ def _save_state(cluster: LocalCluster) -> None:
 # --------------------------------------------------------------------------- up / down
 
 
+def _autoscaling_args(cfg: LocalClusterConfig, cluster: LocalCluster,
+                      head_res: dict[str, float], env: dict[str, str]) -> list[str]:
+    """With ``cfg.autoscale_from``: write the fake-multi-node autoscaling config into the
+    temp dir, set the head's environment for it, and return the head's extra arguments."""
+    if not cfg.autoscale_from:
+        return []
+    launcher = autoscale.load_launcher(cfg.autoscale_from)
+    config = autoscale.local_config(launcher, cluster.gcs_address, head_res, cfg.fake_nodes)
+    path = os.path.join(cluster.temp_dir, "autoscaling.json")
+    Path(path).write_text(json.dumps(config, indent=2))
+    cluster.autoscaling_config = path
+    # RAY_FAKE_CLUSTER: Ray's switch for the fake provider (and the head's fixed node id);
+    # job drivers inherit the head's environment, so they find the groups to check against.
+    env.update({"RAY_FAKE_CLUSTER": "1", autoscale.CONFIG_ENV: path,
+                "AUTOSCALER_UPDATE_INTERVAL_S": f"{cfg.autoscaler_update_s:g}"})
+    return ["--autoscaling-config", path]
+
+
 def up(config: LocalClusterConfig | None = None) -> LocalCluster:
     """Start a head and ``config.workers`` workers on 127.0.0.1; return once all are ALIVE.
 
@@ -315,6 +341,9 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
     the nodes started so far are stopped again before the error propagates.
     """
     cfg = config or LocalClusterConfig()
+    if cfg.autoscale_from and cfg.workers:
+        raise ClusterError("an autoscaling cluster starts with the head alone (workers=0): "
+                           "its autoscaler launches the worker nodes")
     state_path = str(Path(cfg.state_path) if cfg.state_path else default_state_path())
     existing = load_state(state_path)
     if existing is not None:
@@ -322,7 +351,6 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
             raise ClusterError(f"a local cluster is already running ({existing.dashboard_url}); "
                                f"state in {state_path}: run `retriever cluster down --local` first")
         Path(state_path).unlink(missing_ok=True)
-
     temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
     os.makedirs(temp_dir, exist_ok=True)
     gcs_port, dash_port, client_port, *agent_ports = _free_ports(3 + cfg.workers + 1)
@@ -338,12 +366,13 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
               "--object-store-memory", str(int(cfg.object_store_memory))]
     try:
         head_res = {"head": 1.0, **cfg.head_resources}
+        autoscaling = _autoscaling_args(cfg, cluster, head_res, env)
         cluster.nodes.append(_start_node(
             ["--head", "--port", str(gcs_port), "--dashboard-host", HOST,
              "--dashboard-port", str(dash_port), "--ray-client-server-port", str(client_port),
              "--dashboard-agent-listen-port", str(agent_ports[0]), "--include-dashboard", "true",
-             "--num-cpus", str(cfg.head_cpus), "--num-gpus", "0",
-             "--resources", json.dumps(head_res), *common],
+             "--num-cpus", str(0 if autoscaling else cfg.head_cpus), "--num-gpus", "0",
+             "--resources", json.dumps(head_res), *autoscaling, *common],
             "head", head_res, temp_dir, env))
         _save_state(cluster)  # from here on `down` can clean up even if we die
         _wait(lambda: len(alive_nodes(cluster.dashboard_url)) >= 1, cfg.timeout_s,
@@ -484,7 +513,12 @@ def status(state_path: str | os.PathLike | None = None) -> dict[str, Any]:
                    "resources": n.resources} for n in cluster.nodes],
     }
     with contextlib.suppress(Exception):
-        info["alive_nodes"] = len(alive_nodes(cluster.dashboard_url))
+        alive = alive_nodes(cluster.dashboard_url)
+        info["alive_nodes"] = len(alive)
+        if cluster.autoscaling_config:
+            config = json.loads(Path(cluster.autoscaling_config).read_text())
+            info["autoscaling_config"] = cluster.autoscaling_config
+            info["groups"] = autoscale.census(alive, config)
     return info
 
 
