@@ -43,7 +43,7 @@ from retriever.io import embeddings, store
 from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
 from retriever.modeling.encoder import (Encoder, EncoderConfig, WeightlessEncoder,
                                         token_budget_batches)
-from retriever.ops import local_ray
+from retriever.ops import autoscale, local_ray
 from retriever.errors import InputError
 
 AUX_CPUS = 0.1  # read, tokenize and each write task
@@ -83,6 +83,9 @@ class EncodeOptions:
     cpus_per_actor: float = field(default=0.0, metadata={"help": "0: auto (fractional on CPU)"})
     threads_per_actor: int = field(default=0, metadata={"help": "torch threads (0: auto)"})
     tokenizer_actors: int = field(default=1, metadata={"help": "tokenizer actors (CPU)"})
+    actor_resources: dict[str, float] | None = field(default=None, metadata={
+        "help": "custom Ray resources per encoder actor, as JSON (e.g. {\"gpu_a10g\": 1}: the "
+                "node group's own resource, which the autoscaler launches nodes for)"})
     verify_existing: bool = field(default=False, metadata={
         "help": "re-hash finished shards before skipping them"})
 
@@ -348,7 +351,8 @@ def _build(source, folder, options, resources, key, done):
         EncodeShards, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"encoder_config": options.encoder, "threads": resources.threads},
         compute=ActorPoolStrategy(size=resources.actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
+        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None,
+        resources=options.actor_resources or None)
     return ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow",
                           num_cpus=AUX_CPUS, compute=TaskPoolStrategy(size=2),
                           fn_kwargs={"folder": folder, "embedding_dtype": options.embedding_dtype,
@@ -534,6 +538,8 @@ def encode_corpus(corpus: str, options: EncodeOptions, out: str | None = None) -
     local_ray.init()  # $RAY_ADDRESS under `ray job submit`, else a local Ray on loopback
     _warn_local_paths({"--corpus": source.url, "--out": out})
     resources = plan_resources(options)
+    autoscale.check_request({"CPU": resources.num_cpus, "GPU": resources.num_gpus,
+                             **(options.actor_resources or {})}, resources.actors, "encode")
     done = finished_shards(out, key, verify=options.verify_existing)
     remove(out, ["manifest.json"])  # the folder is incomplete until we finish
     started = time.perf_counter()

@@ -44,6 +44,9 @@ class TrainConfig:
     use_gpu: bool | None = field(default=None, metadata={
         "help": "one GPU per worker; default: when the cluster has enough GPUs"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
+    worker_resources: dict[str, float] | None = field(default=None, metadata={
+        "help": "custom Ray resources per worker, as JSON (e.g. {\"gpu_a10g\": 1}: the node "
+                "group's own resource, which the autoscaler launches nodes for)"})
     placement_strategy: str = field(default="PACK", metadata={
         "help": "placement group strategy for the workers", "choices": list(PLACEMENTS)})
     max_failures: int = field(default=2, metadata={
@@ -147,7 +150,7 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("out", "run_id", "max_failures", "checkpoint_every", "keep_checkpoints",
                          "export", "merge", "placement_strategy", "cpus_per_worker", "use_gpu",
                          "epochs", "max_steps", "zero3_persistence_threshold",
-                         "zero3_max_live_parameters", "worker_env",
+                         "zero3_max_live_parameters", "worker_env", "worker_resources",
                          "export_passage_max_length")
 
     def essential(self) -> dict:

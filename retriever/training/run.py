@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retriever.io import store
-from retriever.ops import local_ray
+from retriever.ops import autoscale, local_ray
 from retriever.ops.credentials import refuse_credentials
 from retriever.errors import InputError
 from retriever.training.config import TrainConfig
@@ -176,6 +176,10 @@ def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):
     local_ray.init()  # $RAY_ADDRESS under `ray job submit`, else a local Ray on loopback
     use_gpu = config.use_gpu if config.use_gpu is not None else cluster_has_gpus(
         config.num_workers)
+    per_worker = {"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                  **(config.worker_resources or {})}
+    autoscale.check_request(per_worker, config.num_workers, "training",
+                            spread=config.placement_strategy == "STRICT_SPREAD")
     storage_path, storage_fs = ray_storage(out)
     payload = {"config": config.to_dict(), "out": out, "train_data": train_data}
     env = worker_env(config, use_gpu)
@@ -184,8 +188,7 @@ def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker,
-                                                           **({"GPU": 1} if use_gpu else {})},
+                                     resources_per_worker=per_worker,
                                      placement_strategy=config.placement_strategy),
         run_config=RunConfig(
             name=RAY_RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
