@@ -160,3 +160,37 @@ def test_loss_curve_png():
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 3000
     with pytest.raises(ValueError, match="no losses"):
         loss_curve_png([], "run")
+
+
+def test_matrix_report_has_intervals_comparisons_and_loss_curves(tmp_path):
+    """write_report over two hand-made cells: the statistics table and, for the model that is
+    a training run's export (metrics.jsonl beside merged/), its loss curve."""
+    import json
+    from types import SimpleNamespace
+
+    from retriever.evaluation.matrix import RunRecord
+    from retriever.evaluation.matrix_report import write_report
+
+    run = tmp_path / "runs" / "tuned" / "train"
+    (run / "merged").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 11)))
+    records = []
+    for model, shift in (("bm25", 0.0), ("merged", 0.2)):
+        folder = tmp_path / "cells" / model
+        folder.mkdir(parents=True)
+        noise = random.Random(len(model))
+        scores = {f"q{i}": 0.3 + shift + noise.uniform(-0.05, 0.05) for i in range(25)}
+        (folder / "per_query.json").write_text(json.dumps({"ndcg@10": scores}))
+        (folder / "provenance.json").write_text("{}")
+        records.append(RunRecord(model, "tiny", str(folder), "k", False,
+                                 {"mrr@10": 0.5, "recall@100": 0.9}))
+    config = SimpleNamespace(models=["bm25", str(run / "merged")], baseline="bm25",
+                             matrix_id="m", price_per_hour=1.0, hardware="CPU")
+    out = tmp_path / "out"
+    markdown = write_report(config, records, str(out))
+    assert "| tiny | merged | 25 |" in markdown and "| 25 / 0 / 0 |" in markdown
+    assert (out / "loss-merged.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![training loss of merged](loss-merged.png)" in (out / "report.md").read_text()
+    assert not (out / "loss-bm25.png").exists()
+    assert "Training loss of merged" in (out / "report.html").read_text()

@@ -223,6 +223,8 @@ class PlanConfig:
     docs_per_second: float | None = field(default=None, metadata=_help(
         "measured encode throughput per GPU; replaces the FLOPs estimate"))
     encode_gpus: int = field(default=8, metadata=_help("GPUs encoding in parallel"))
+    idle_timeout_minutes: float = field(default=10.0, metadata=_help(
+        "autoscaler idle timeout: how long a node outlives its last work (cluster/aws.yaml: 10)"))
     replicas: int = field(default=1, metadata=_help("replicas of each index shard"))
 
     def __post_init__(self) -> None:
@@ -360,6 +362,7 @@ def plan(cfg: PlanConfig) -> Plan:
     """Every quantity of the plan, in order: encode, embeddings, index, shards, search."""
     p = Plan(cfg)
     _plan_encode(p, cfg)
+    _plan_node_hours(p, cfg)
     bytes_per_dim = _plan_embeddings(p, cfg)
     per_vec, fixed = _plan_index(p, cfg, bytes_per_dim)
     shards = _plan_shards(p, cfg, per_vec, fixed)
@@ -385,6 +388,36 @@ def _plan_encode(p: Plan, cfg: PlanConfig) -> None:
           f"{num(gpu_hours)} x {gpu_price:.4g}",
           note=(f"priced as {gpu.priced_as} on-demand" if gpu and cfg.gpu_price is None
                 else "price given"))
+
+
+# The GPU groups of cluster/aws.yaml (min_workers 0: launched for a job, gone after the idle
+# timeout); another GPU runs on the first node type that has it.
+AUTOSCALED_GPU_GROUPS = {"a10g": ("worker.gpu.1x", "g5.2xlarge"),
+                         "a100": ("worker.gpu.8x", "p4d.24xlarge")}
+
+
+def _plan_node_hours(p: Plan, cfg: PlanConfig) -> None:
+    """Node-hours of the autoscaled GPU group for the encode job: its nodes are launched from
+    zero for the job, all busy for the encode's wall-clock hours, then idle until the
+    autoscaler's idle timeout terminates them (that idle time is billed too)."""
+    group, node_name = AUTOSCALED_GPU_GROUPS.get(cfg.gpu, (None, None))
+    node = NODE_TYPES.get(node_name or "") or next(
+        (n for n in NODE_TYPES.values() if n.gpu == cfg.gpu), None)
+    if node is None:
+        return
+    nodes = p.add("encode_nodes", math.ceil(cfg.encode_gpus / node.gpus), "nodes",
+                  "ceil(encode_gpus / gpus_per_node)",
+                  f"ceil({cfg.encode_gpus} / {node.gpus})  ({node.name}"
+                  + (f", group {group}" if group else ", in no cluster/aws.yaml group") + ")")
+    idle_h = cfg.idle_timeout_minutes / 60
+    hours = p.add("encode_node_hours", nodes * (p["encode_wall_hours"] + idle_h), "node-h",
+                  "encode_nodes x (encode_wall_hours + idle_timeout_minutes / 60)",
+                  f"{num(nodes)} x ({num(p['encode_wall_hours'])} + "
+                  f"{num(cfg.idle_timeout_minutes)} / 60)",
+                  note="autoscaled from 0 and back; the idle timeout is billed")
+    p.add("encode_node_cost_usd", hours * node.price_per_hour, "USD",
+          "encode_node_hours x node_price_per_hour", f"{num(hours)} x {node.price_per_hour:.4g}",
+          note=f"{node.name} on-demand (the whole node, CPUs and idle time included)")
 
 
 def _plan_docs_per_second(p: Plan, cfg: PlanConfig, gpu: GpuSpec | None) -> float:
