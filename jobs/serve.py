@@ -7,7 +7,7 @@ ShardSearcher x N) under the name ``search`` at ``/``; then waits until interrup
 autoscaling, actor options) from a Serve config file such as ``serve/config.yaml``; flags win
 over its args. The query encoder must embed like the index's encoder (weights, pooling, prefixes,
 dim: ``retriever.modeling.parity``); ``--allow-asymmetric-encoder`` serves a different one on
-purpose. The same app deploys on a cluster with ``serve deploy serve/config.yaml`` or a
+purpose. ``--mmap true`` memory-maps the FAISS shard files. The same app deploys on a cluster with ``serve deploy serve/config.yaml`` or a
 KubeRay RayService. Set ``RETRIEVER_API_TOKEN`` to require a bearer token. The work is
 ``serve/launch.py``.
 """
@@ -25,8 +25,8 @@ __all__ = ["APP_NAME", "ServeConfig", "app_args", "main", "single_machine_layout
 
 def main(argv: list[str] | None = None) -> int:
     url = start(cfg.parse(ServeConfig, argv, prog="retriever serve"))
-    print(f"serving {APP_NAME} at {url}/ (POST /search, GET /info, GET /healthz); Ctrl-C stops",
-          flush=True)
+    print(f"serving {APP_NAME} at {url}/ (POST /search, POST /v1/embeddings, GET /info, "
+          f"GET /healthz, API docs at /docs); Ctrl-C stops", flush=True)
     serve_until_stopped()
     return 0
 

@@ -273,9 +273,11 @@ def _add_search_route(app: FastAPI, backend: Backend, settings: ApiSettings,
 
     @app.post("/search", response_model=models.SearchResponse | models.BatchSearchResponse,
               responses={k: v for k, v in models.ERRORS.items()},
-              openapi_extra=body("SearchRequest"))
+              openapi_extra=body("SearchRequest"),
+              summary="Search the index: one query or a batch, dense, sparse (BM25) or hybrid")
     async def search(request: Request):
-        """Search the index: one query or a batch, dense, sparse (BM25) or hybrid."""
+        """The top ``top_k`` documents of each query; for hybrid, the fusion of the dense and
+        the BM25 ranking, each merged over every shard first."""
         refused = denied(request)
         if refused is not None:
             return refused

@@ -10,7 +10,7 @@ unless ``allow_asymmetric_encoder``), and binds QueryEncoder, one ShardSearcher 
 Router ingress. ``args`` (see :class:`AppArgs`): ``index`` (required), ``model``, ``docs``,
 ``timeout_s``, ``max_top_k``, ``max_query_chars``, ``max_batch`` (texts or vectors in one
 request), ``encoder_batch_size``, ``encoder_batch_wait_s``, ``gpu``, ``mmap`` (memory-map the
-FAISS files), ``shards_per_searcher``, ``access_log``, ``low_latency``,
+FAISS files), ``shards_per_searcher``, ``shards_in_router``, ``access_log``, ``low_latency``,
 ``allow_asymmetric_encoder`` and ``deployments``: Serve-style per-deployment options (``name``,
 ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``, ...)
 applied in code; the name ``ShardSearcher`` applies to every searcher, ``ShardSearcher-<g>`` to
@@ -22,7 +22,11 @@ Grouping shards: a Router -> ShardSearcher call costs a Serve request (~4 ms of 
 them in parallel adds latency instead of removing it. One searcher per node (or per GPU),
 holding that node's shards and searching them in one FAISS call per shard, is the usual
 layout; ``shards_per_searcher: N`` on an N-shard index puts all shards in one searcher, the
-fastest layout on a single machine (``benchmarks/search_latency.py`` measures both).
+fastest layout of searchers on a single machine (``benchmarks/search_latency.py`` measures
+both). ``shards_in_router: true`` goes one step further on one node: the Router replica loads
+every shard itself and searches them in a worker thread (concurrent queries coalesced into one
+FAISS call), so a vector query costs no Serve call beyond the ingress; every Router replica
+then holds a copy of the index (more memory), and there are no ShardSearcher deployments.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class AppArgs:
     gpu: str = "auto"  # FAISS on GPU for flat shards: auto | yes | no
     mmap: bool = False  # memory-map the FAISS files (read on demand; RAM shared via page cache)
     shards_per_searcher: int = 1  # shards held (and searched in one call) by one ShardSearcher
+    shards_in_router: bool = False  # the Router holds every shard itself: no searcher hop
     access_log: bool = False  # a log line per request in every replica (costs latency)
     low_latency: bool = True  # LOW_LATENCY_ENV in every replica's runtime_env
     allow_asymmetric_encoder: bool = False  # serve a query encoder unlike the index's
@@ -79,7 +84,8 @@ class AppArgs:
         if not args.get("index"):
             raise InputError("serve app: the 'index' argument (index folder URL) is required")
         values = dict(args)
-        for name in ("access_log", "low_latency", "allow_asymmetric_encoder", "mmap"):
+        for name in ("access_log", "low_latency", "allow_asymmetric_encoder", "mmap",
+                     "shards_in_router"):
             if isinstance(values.get(name), str):  # `serve run ... key=value` passes strings
                 text = values[name].strip().lower()
                 if text not in ("true", "false", "1", "0", "yes", "no"):
@@ -183,12 +189,14 @@ def build_app(args: dict[str, Any]):
     manifest = sh.read_manifest(app_args.index)
     encoder = encoder_config(manifest, app_args.model)
     check_parity(manifest, encoder, app_args)
-    groups = sh.group_numbers(len(manifest["shards"]), app_args.shards_per_searcher)
-    options = _options(app_args.deployments, len(groups))
+    shards = len(manifest["shards"])
+    groups = ([list(range(shards))] if app_args.shards_in_router else
+              sh.group_numbers(shards, app_args.shards_per_searcher))
+    options = _options(app_args.deployments, 0 if app_args.shards_in_router else len(groups))
     logs = {"logging_config": {"enable_access_log": bool(app_args.access_log)}}
     env = LOW_LATENCY_ENV if app_args.low_latency else {}
     searcher_apps = []
-    for number, group in enumerate(groups):
+    for number, group in enumerate([] if app_args.shards_in_router else groups):
         opts = {**logs, **options.get("ShardSearcher", {}),
                 **options.get(f"ShardSearcher-{number}", {})}
         searcher_apps.append(ShardSearcher.options(name=f"ShardSearcher-{number}",
@@ -201,6 +209,8 @@ def build_app(args: dict[str, Any]):
                     "max_query_chars": app_args.max_query_chars,
                     "max_batch": app_args.max_batch}
     opts = {**logs, **options.get("Router", {})}
+    own = ({"index": app_args.index, "gpu": app_args.gpu, "mmap": app_args.mmap}
+           if app_args.shards_in_router else None)
     return Router.options(**_with_defaults(Router, opts, env)).bind(
         encoder_app, searcher_apps, index_info(manifest, encoder["model"], groups), api_settings,
-        app_args.docs)
+        app_args.docs, own)

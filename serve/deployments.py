@@ -28,7 +28,8 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.fanout import Coalescer, ShardAnswer, ShardQuery, answer
+from serve.fanout import (Coalescer, ShardAnswer, ShardQuery, answer, combine_encodes,
+                          split_encodes)
 
 log = logging.getLogger("ray.serve")
 
@@ -88,14 +89,42 @@ class QueryEncoder:
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode(self, requests: list[tuple[str, list[str]]]
-                     ) -> list[tuple[np.ndarray, list[int]]]:
+    async def encode(self, calls: list[list[tuple[str, list[str]]]]
+                     ) -> list[list[tuple[np.ndarray, list[int]]]]:
+        """Each call: the ``(kind, texts)`` requests a Router coalesced; one answer each."""
         from serve.fanout import encode_requests
 
-        return await asyncio.to_thread(encode_requests, self.encoder, list(requests))
+        flat = [request for call in calls for request in call]
+        answers = await asyncio.to_thread(encode_requests, self.encoder, flat)
+        out, at = [], 0
+        for call in calls:
+            out.append(answers[at:at + len(call)])
+            at += len(call)
+        return out
 
     def settings(self) -> dict:
         return self.encoder.settings()
+
+
+def load_group(index_url: str, numbers: Sequence[int], gpu: str = "auto",
+               mmap: bool = False) -> tuple[list, list]:
+    """The dense shards ``numbers`` of an index and their BM25 shards (none when the index
+    has no sparse shards), with FAISS given this replica's CPUs (and GPU, if Ray gave one)."""
+    import faiss
+
+    from retriever.index import sparse
+    from retriever.index.shards import IndexShard, read_manifest
+
+    faiss.omp_set_num_threads(_assigned_cpus())
+    if gpu == "auto":  # only a GPU Ray gave this replica
+        gpu = "yes" if _assigned_gpus() else "no"
+    manifest = read_manifest(index_url)
+    dense = [IndexShard.load(index_url, n, manifest, gpu=gpu, mmap=mmap) for n in numbers]
+    bm25 = ([sparse.SparseShard.load(index_url, n, manifest) for n in numbers]
+            if sparse.has_sparse(manifest) else [])
+    log.info("loaded %s of %s: %d rows%s", ", ".join(s.name for s in dense), index_url,
+             sum(len(s) for s in dense), " (dense + BM25)" if bm25 else "")
+    return dense, bm25
 
 
 @serve.deployment(name="ShardSearcher", ray_actor_options={"num_cpus": 0.1},
@@ -105,22 +134,7 @@ class ShardSearcher:
 
     def __init__(self, index_url: str, numbers: Sequence[int], gpu: str = "auto",
                  mmap: bool = False):
-        import faiss
-
-        from retriever.index import sparse
-        from retriever.index.shards import IndexShard, read_manifest
-
-        faiss.omp_set_num_threads(_assigned_cpus())
-        if gpu == "auto":  # only a GPU Ray gave this replica
-            gpu = "yes" if _assigned_gpus() else "no"
-        manifest = read_manifest(index_url)
-        self.shards = [IndexShard.load(index_url, n, manifest, gpu=gpu, mmap=mmap)
-                       for n in numbers]
-        self.sparse = ([sparse.SparseShard.load(index_url, n, manifest) for n in numbers]
-                       if sparse.has_sparse(manifest) else [])
-        log.info("loaded %s of %s: %d rows%s", ", ".join(s.name for s in self.shards),
-                 index_url, sum(len(s) for s in self.shards),
-                 " (dense + BM25)" if self.sparse else "")
+        self.shards, self.sparse = load_group(index_url, numbers, gpu, mmap)
 
     async def search(self, query: ShardQuery) -> ShardAnswer:
         """This group's merged rankings (dense for ``query.vectors``, BM25 for
@@ -159,15 +173,23 @@ class Router:
     """The HTTP ingress: validation, auth, fan-out, merge (see ``serve/api.py``)."""
 
     def __init__(self, encoder: DeploymentHandle, searchers: Sequence[DeploymentHandle],
-                 info: dict, api_settings: dict, docs: str | None = None):
-        self.encoder = encoder
+                 info: dict, api_settings: dict, docs: str | None = None,
+                 own_shards: dict | None = None):
         self.shard_groups = info["searchers"]  # shard names held by each searcher, in order
         self.shard_names = [name for group in self.shard_groups for name in group]
         timeout = float(api_settings.get("timeout_s", 2.0))
         # method handles made once: `handle.search` builds a new handle on every access
         searches = [h.options(method_name="search") for h in searchers]
         self.coalescers = [Coalescer(h.remote, timeout_s=timeout) for h in searches]
-        self.encode_handle = encoder.options(method_name="encode")
+        if own_shards:  # shards_in_router: no searcher hop; FAISS in a thread, so that the
+            # queries arriving meanwhile leave together in the next call
+            dense, bm25 = load_group(own_shards["index"], range(len(self.shard_names)),
+                                     own_shards.get("gpu", "auto"), own_shards.get("mmap"))
+            self.coalescers = [Coalescer(lambda q: asyncio.to_thread(answer, dense, bm25, q),
+                                         timeout_s=timeout)]
+        encode = encoder.options(method_name="encode").remote
+        self.encoder_calls = Coalescer(encode, timeout_s=max(timeout, 30.0),
+                                       combine=combine_encodes, split=split_encodes)
         self._info = dict(info, docs=bool(docs))
         self.dim = int(info["dims"])
         self.sparse = bool(info.get("sparse"))
@@ -181,7 +203,7 @@ class Router:
 
     async def encode(self, texts: list[str], kind: str = "query"
                      ) -> tuple[np.ndarray, list[int]]:
-        return await self.encode_handle.remote((kind, list(texts)))
+        return await self.encoder_calls.search((kind, list(texts)))
 
     def search_group(self, number: int, query: ShardQuery):
         return self.coalescers[number].search(query)

@@ -6,8 +6,9 @@
 - :class:`ShardAnswer` (searcher -> Router): each ranking as :class:`Rankings`, flat arrays
   (doc ids, float64 scores, row offsets), which Ray serialises as a few buffers instead of a
   Python object per hit.
-- :class:`Coalescer`: the queries that wait for a searcher while ``max_in_flight`` calls are
-  under way leave together in its next call (no added wait at concurrency 1).
+- :class:`Coalescer`: the queries that wait for a searcher (or the encoder) while
+  ``max_in_flight`` calls are under way leave together in its next call (no added wait at
+  concurrency 1).
 - :func:`fan_out`: every searcher asked concurrently, each under its own timeout.
 - :func:`encode_requests`: the encoder's batch of ``(kind, texts)`` requests in one forward
   pass per kind ("query" / "passage" pick the prefixes), with token counts.
@@ -86,7 +87,10 @@ def answer(dense_shards: Sequence, sparse_shards: Sequence, query: ShardQuery) -
     return ShardAnswer(dense, sparse)
 
 
-def _combine(queries: Sequence[ShardQuery]) -> ShardQuery:
+def combine_queries(queries: Sequence[ShardQuery]) -> ShardQuery:
+    """One searcher call for several queries (a lone query goes as it is)."""
+    if len(queries) == 1:
+        return queries[0]
     vectors = [q.vectors for q in queries if q.vectors is not None]
     texts = [t for q in queries if q.texts is not None for t in q.texts]
     return ShardQuery(np.concatenate(vectors) if vectors else None,
@@ -94,8 +98,11 @@ def _combine(queries: Sequence[ShardQuery]) -> ShardQuery:
                       max(q.k for q in queries))
 
 
-def _split(queries: Sequence[ShardQuery], combined: ShardAnswer) -> list[ShardAnswer]:
-    """Each query's share of a combined answer (rows in the order :func:`_combine` put them)."""
+def split_answer(queries: Sequence[ShardQuery], combined: ShardAnswer) -> list[ShardAnswer]:
+    """Each query's share of a combined answer (rows in the order :func:`combine_queries` put
+    them)."""
+    if len(queries) == 1:
+        return [combined]
     out, dense_at, sparse_at = [], 0, 0
     for q in queries:
         dense = sparse = None
@@ -115,26 +122,40 @@ def _take(rankings: Rankings, start: int, count: int) -> Rankings:
                     rankings.offsets[start:start + count + 1] - lo)
 
 
-class Coalescer:
-    """Opportunistic batching of one searcher's calls (no added wait at low load).
+def combine_encodes(requests: Sequence[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """One encoder call for several ``(kind, texts)`` requests: the list of them."""
+    return list(requests)
 
-    A query is sent at once while fewer than ``max_in_flight`` calls to the searcher are under
-    way; otherwise it waits and leaves with every other waiting query (up to ``max_batch``) in
-    the next call, when one returns. At concurrency 1 that is one call per query, as without
-    batching; under load the per-call cost (a Serve request, a FAISS call) is shared by the
-    batch. ``call(ShardQuery) -> ShardAnswer``. A call still unanswered after ``timeout_s`` is
-    abandoned (its waiters get a TimeoutError), so a hung searcher cannot hold the in-flight
-    slots forever. ``calls`` counts the calls made (for tests and benchmarks).
+
+def split_encodes(requests: Sequence[Any], answers: list) -> list:
+    return list(answers)
+
+
+class Coalescer:
+    """Opportunistic batching of one callee's calls (no added wait at low load).
+
+    An item is sent at once while fewer than ``max_in_flight`` calls are under way; otherwise
+    it waits and leaves with every other waiting item (up to ``max_batch``) in the next call,
+    when one returns. At concurrency 1 that is one call per item, as without batching; under
+    load the per-call cost (a Serve request, a FAISS call, a forward pass) is shared by the
+    batch. ``call(combine(items))`` answers what ``split(items, answer)`` turns into one
+    answer per item: by default a searcher's :class:`ShardQuery` -> :class:`ShardAnswer`
+    (:func:`combine_queries`, :func:`split_answer`). A call still unanswered after
+    ``timeout_s`` is abandoned (its waiters get a TimeoutError), so a hung callee cannot hold
+    the in-flight slots forever. ``calls`` counts the calls made (for tests and benchmarks).
     """
 
-    def __init__(self, call: Callable[[ShardQuery], Awaitable[ShardAnswer]], timeout_s: float,
-                 max_in_flight: int = 2, max_batch: int = 64):
+    def __init__(self, call: Callable[[Any], Awaitable[Any]], timeout_s: float,
+                 max_in_flight: int = 2, max_batch: int = 64,
+                 combine: Callable[[Sequence[Any]], Any] = combine_queries,
+                 split: Callable[[Sequence[Any], Any], list] = split_answer):
         self.call, self.timeout_s = call, timeout_s
         self.max_in_flight, self.max_batch = max_in_flight, max_batch
-        self.waiting: list[tuple[ShardQuery, asyncio.Future]] = []
+        self.combine, self.split = combine, split
+        self.waiting: list[tuple[Any, asyncio.Future]] = []
         self.in_flight = self.calls = 0
 
-    async def search(self, query: ShardQuery) -> ShardAnswer:
+    async def search(self, query: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
         self.waiting.append((query, future))
         self._send()
@@ -149,11 +170,11 @@ class Coalescer:
                 self.calls += 1
                 asyncio.ensure_future(self._run(batch))
 
-    async def _run(self, batch: list[tuple[ShardQuery, asyncio.Future]]) -> None:
+    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         pending = None
         try:
             queries = [q for q, _ in batch]
-            pending = self.call(queries[0] if len(queries) == 1 else _combine(queries))
+            pending = self.call(self.combine(queries))
             try:
                 combined = await asyncio.wait_for(pending, self.timeout_s)
             except asyncio.TimeoutError:
@@ -161,7 +182,7 @@ class Coalescer:
                 if cancel is not None:
                     cancel()
                 raise TimeoutError(f"no answer within {self.timeout_s:g} s") from None
-            shares = [combined] if len(queries) == 1 else _split(queries, combined)
+            shares = self.split(queries, combined)
             for (_, future), share in zip(batch, shares):
                 if not future.done():
                     future.set_result(share)

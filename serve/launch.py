@@ -46,6 +46,17 @@ class ServeConfig:
         "help": "shards one ShardSearcher deployment holds; unset: the serve config's, else "
                 "all of them on a new local Ray (one machine: one searcher answers fastest), "
                 "1 on a cluster"})
+    shards_in_router: bool | None = field(default=None, metadata={
+        "help": "the Router holds every shard and searches them itself: no ShardSearcher "
+                "deployments, no searcher hop (one node; each Router replica holds the whole "
+                "index); unset: the serve config's, else false"})
+    mmap: bool | None = field(default=None, metadata={
+        "help": "memory-map the FAISS shard files instead of reading them into memory (flat "
+                "shards stay on CPU; remote shards are copied to a local cache first); unset: "
+                "the serve config's, else false"})
+    max_batch: int | None = field(default=None, metadata={
+        "help": "most queries (or vectors, or /v1/embeddings inputs) in one request; unset: "
+                "the serve config's, else 128"})
     serve_config: str | None = field(default=None, metadata={
         "help": "Serve config YAML: its first application's args and deployments"})
     ray_address: str | None = field(default=None, metadata={

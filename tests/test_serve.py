@@ -77,7 +77,7 @@ def app(scifact, tmp_path_factory):
     try:
         index = str(tmp_path_factory.mktemp("serve") / "flat-4")
         build_index(IndexConfig(embeddings=scifact.folder, shards=4, out=index, workers=2,
-                                cpus_per_worker=0.5))
+                                cpus_per_worker=0.5, sparse=True))
         url = start(ServeConfig(index=index, port=free_port(), docs=dataset("scifact"),
                                 timeout_s=SHARD_TIMEOUT_S))
         with httpx.Client(base_url=url, headers=AUTH, timeout=60.0,
@@ -137,6 +137,7 @@ def test_healthz_info_page_and_auth(app):
     assert "model_hash" in info
     assert info["dims"] == 384 and info["index_type"] == "flat" and info["docs"] is True
     assert info["rows_per_shard"] == [1295, 1296, 1296, 1296]
+    assert info["sparse"] is True  # BM25 shards beside the dense ones
     page = app.client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="search-form"' in page.text and "fetch(\"search\"" in page.text
@@ -223,6 +224,170 @@ def test_vector_answers_equal_the_in_process_merge_of_the_shards(app, scifact):
         assert answer["partial"] is False and answer["missing_shards"] == []
 
 
+def _ids(hits: list[dict]) -> list[str]:
+    return [h["doc_id"] for h in hits]
+
+
+def _same_ranking(got: list[dict], want: list[tuple[str, float]]) -> None:
+    """Same documents in the same order, scores equal but for the last bits (a batch is
+    encoded and searched with other shapes than a single query: BLAS vs SIMD loops)."""
+    assert _ids(got) == [doc_id for doc_id, _ in want]
+    assert [h["score"] for h in got] == pytest.approx([s for _, s in want], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_batch_of_100_queries_answers_as_100_single_requests(app, scifact):
+    texts = list(scifact.dataset.judged_queries().values())[:100]
+    vectors = scifact.query_vectors[:100]
+    for key, inputs, single in (("queries", texts, lambda t: {"query": t}),
+                                ("vectors", vectors.tolist(), lambda v: {"vector": v})):
+        batch = _search(app.client, **{key: inputs}, top_k=10)
+        assert len(batch["results"]) == 100 and "hits" not in batch
+        assert batch["partial"] is False and batch["shards"] == 4 and batch["top_k"] == 10
+        for got, item in zip(batch["results"], inputs):  # one at a time: a batch of one
+            one = _search(app.client, **single(item), top_k=10)
+            _same_ranking(got["hits"], [(h["doc_id"], h["score"]) for h in one["hits"]])
+            assert [h["rank"] for h in got["hits"]] == list(range(1, 11))
+            assert got["hits"][0]["title"] == one["hits"][0]["title"]
+
+
+class CachedEncoder:
+    """The fixture's MiniLM vectors of SciFact (the corpus and the 300 test queries, made by
+    the real Encoder once and cached), handed out for exactly those texts, so that the offline
+    ``hybrid_run`` does not encode the corpus again."""
+
+    def __init__(self, scifact):
+        self.scifact = scifact
+        self.ids, self.vectors = sh.embeddings.load(scifact.folder)
+
+    def encode_passages(self, passages):
+        assert list(passages) == self.scifact.dataset.corpus.passages()
+        order = {doc_id: row for row, doc_id in enumerate(self.ids)}
+        return self.vectors[[order[d] for d in self.scifact.dataset.corpus.ids]]
+
+    def encode_queries(self, texts):
+        assert list(texts) == list(self.scifact.dataset.judged_queries().values())
+        return self.scifact.query_vectors
+
+
+@pytest.mark.slow
+def test_hybrid_and_sparse_answers_equal_the_offline_runs(app, scifact):
+    from retriever.evaluation.retrieval import bm25_run, hybrid_run
+    from retriever.index.fusion import FusionConfig
+
+    data = scifact.dataset
+    queries = data.judged_queries()
+    texts, qids = list(queries.values()), list(queries)
+    answers = {"hybrid": [], "sparse": []}
+    for mode in answers:
+        for start in range(0, len(texts), 100):
+            answer = _search(app.client, queries=texts[start:start + 100], top_k=10, mode=mode)
+            assert answer["mode"] == mode and not answer["partial"]
+            answers[mode] += [r["hits"] for r in answer["results"]]
+    offline, _ = hybrid_run(CachedEncoder(scifact), data, 10, FusionConfig())
+    for qid, got in zip(qids, answers["hybrid"]):
+        _same_ranking(got, offline[qid])
+    bm25, _ = bm25_run(data, 10)
+    for qid, got in zip(qids, answers["sparse"]):
+        _same_ranking(got, bm25[qid])
+    weighted = FusionConfig("weighted", weight=0.7)
+    answer = _search(app.client, queries=texts[:20], top_k=10, mode="hybrid",
+                     fusion={"method": "weighted", "weight": 0.7})
+    offline, _ = hybrid_run(CachedEncoder(scifact), data, 10, weighted)
+    for qid, got in zip(qids[:20], answer["results"]):
+        _same_ranking(got["hits"], offline[qid])
+    http_ndcg = evaluate(data.qrels, {q: [(h["doc_id"], h["score"]) for h in hits]
+                                      for q, hits in zip(qids, answers["hybrid"])})["ndcg@10"]
+    print(f"SciFact NDCG@10 over HTTP, hybrid (RRF 60): {http_ndcg:.4f}")
+
+
+@pytest.mark.slow
+def test_openai_client_gets_the_encoders_vectors(app):
+    import base64
+
+    import openai
+
+    from retriever.modeling.encoder import Encoder, EncoderConfig
+
+    client = openai.OpenAI(base_url=app.url + "/v1", api_key=TOKEN, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["minilm"]
+    assert client.models.retrieve("minilm").owned_by == "llm-retriever"
+    texts = ["stem cells in cancer", "What causes malaria?", "a"]
+    encoder = Encoder(EncoderConfig(model="minilm"))  # what the index was encoded with
+    want = {"query": encoder.encode_queries(texts), "passage": encoder.encode_passages(texts)}
+
+    def close(got, expected):
+        got = np.asarray(got, np.float32)
+        cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(
+            expected, axis=1)
+        assert got.shape == expected.shape and cosine.min() >= 0.9999, cosine
+
+    default = client.embeddings.create(model="minilm", input=texts)  # base64, decoded by it
+    close([d.embedding for d in default.data], want["query"])
+    assert default.usage.prompt_tokens > len(texts) and default.model == "minilm"
+    floats = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    close([d.embedding for d in floats.data], want["query"])
+    raw = client.embeddings.create(model="minilm", input=texts, encoding_format="base64",
+                                   extra_body={"input_type": "passage"})
+    close([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in raw.data],
+          want["passage"])
+    one = client.embeddings.create(model="minilm", input=texts[0], dimensions=64,
+                                   encoding_format="float")
+    cut = want["query"][:1, :64] / np.linalg.norm(want["query"][:1, :64])
+    close([one.data[0].embedding], cut)
+    assert np.linalg.norm(one.data[0].embedding) == pytest.approx(1.0, abs=1e-5)
+
+
+openai_bad = "BadRequestError"
+OPENAI_BAD = [
+    ({"input": []}, openai_bad, "input is empty", "input"),
+    ({"input": [1, 2]}, openai_bad, "input[0] must be a string, got a number", "input[0]"),
+    ({"input": "x", "dimensions": 0}, openai_bad, "dimensions must be between 1 and 384, got 0",
+     "dimensions"),
+    ({"input": "x", "encoding_format": "int8"}, openai_bad,
+     "encoding_format must be 'float' or 'base64', got 'int8'", "encoding_format"),
+    ({"input": "x", "input_type": "document"}, openai_bad, "input_type must be 'query' or "
+                                                            "'passage'", "input_type"),
+    ({"input": "x", "model": "text-embedding-3-small"}, "NotFoundError",
+     "The model 'text-embedding-3-small' does not exist", "model"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, error, message, param", OPENAI_BAD,
+                         ids=[e[2][:30] for e in OPENAI_BAD])
+def test_openai_client_gets_openai_shaped_errors(app, body, error, message, param):
+    import openai
+
+    client = openai.OpenAI(base_url=app.url + "/v1", api_key=TOKEN, max_retries=0)
+    body = {"model": "minilm", **body}
+    with pytest.raises(getattr(openai, error)) as raised:
+        client.embeddings.create(**body)
+    assert message in raised.value.message
+    shape = raised.value.response.json()["error"]
+    assert set(shape) == {"message", "type", "param", "code"}
+    assert shape["type"] == "invalid_request_error" and shape["param"] == param
+    with pytest.raises(openai.AuthenticationError, match="wrong token"):
+        openai.OpenAI(base_url=app.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+@pytest.mark.slow
+def test_openapi_and_docs_are_behind_the_token(app):
+    bare = httpx.Client(base_url=app.url, timeout=30.0)
+    for path in ("/openapi.json", "/docs"):
+        assert bare.get(path).status_code == 401, path
+    doc = app.client.get("/openapi.json").json()
+    assert {"/search", "/info", "/healthz", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
+    request = doc["components"]["schemas"]["SearchRequest"]["properties"]
+    assert {"query", "queries", "vector", "vectors", "top_k", "mode", "fusion"} == set(request)
+    assert request["top_k"]["maximum"] == 1000
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert doc["paths"]["/healthz"]["get"]["security"] == []
+    page = app.client.get("/docs")
+    assert page.status_code == 200 and "docs/assets/swagger-ui-bundle.js" in page.text
+    assert bare.get("/docs/assets/swagger-ui-bundle.js").status_code == 200  # public code
+
+
 @pytest.mark.slow
 def test_searchers_holding_two_shards_each_answer_the_same(app, scifact):
     from ray import serve
@@ -245,6 +410,32 @@ def test_searchers_holding_two_shards_each_answer_the_same(app, scifact):
             assert _pairs(answer) == want and answer["shards"] == 4 and not answer["partial"]
     finally:
         serve.delete("grouped")
+
+
+@pytest.mark.slow
+def test_shards_in_the_router_answer_the_same(app, scifact):
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"index": app.index, "shards_in_router": True}), name="inrouter",
+              route_prefix="/inrouter", blocking=False)
+    try:
+        info = app.client.get("/inrouter/info").json()
+        assert info["searchers"] == [["shard-0", "shard-1", "shard-2", "shard-3"]]
+        assert not _replica_names("inrouter#ShardSearcher")
+        vectors = scifact.query_vectors[:25]
+        batch = app.client.post("/inrouter/search", json={"vectors": vectors.tolist(),
+                                                          "top_k": 100}).json()
+        for got, want in zip(batch["results"], one_by_one(app.shards, vectors, 100)):
+            _same_ranking(got["hits"], want)
+        text = list(scifact.dataset.judged_queries().values())[3]
+        for mode in ("dense", "hybrid"):
+            here = _search(app.client, query=text, mode=mode)
+            there = app.client.post("/inrouter/search", json={"query": text, "mode": mode})
+            assert _ids(there.json()["hits"]) == _ids(here["hits"]), mode
+    finally:
+        serve.delete("inrouter")
 
 
 @pytest.mark.slow
@@ -712,3 +903,96 @@ def test_the_page_opens_without_a_token_and_the_api_still_wants_one(small_backen
         assert client.get("/info").status_code == 401
         assert client.post("/search", json={"query": "x"}).status_code == 401
         assert client.get("/info", headers=AUTH).status_code == 200
+
+
+def test_mmap_is_an_app_argument_and_a_serve_flag_and_answers_the_same(small_backend, tmp_path,
+                                                                        monkeypatch):
+    from jobs.serve import ServeConfig, app_args
+    from serve.app import AppArgs, build_app
+    from serve.local import LocalBackend
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    index = _small_index(tmp_path, 4)
+    assert app_args(ServeConfig(index=index, mmap=True))["mmap"] is True
+    assert AppArgs.from_dict({"index": index, "mmap": "true"}).mmap is True  # `serve run k=v`
+    assert type(build_app({"index": index, "mmap": True})).__name__ == "Application"
+    mapped = LocalBackend(index, mmap=True, gpu="no")
+    vectors = np.asarray([mapped.shards[2].index.reconstruct(i) for i in range(5)], np.float32)
+    with TestClient(make_api(mapped)) as client:
+        answer = client.post("/search", json={"vectors": vectors.tolist(), "top_k": 7}).json()
+    assert [_pairs(r) for r in answer["results"]] == sh.search_all(small_backend.shards,
+                                                                   vectors, 7)
+
+
+class CountingBackend:
+    """A LocalBackend (real shards, real MiniLM) that counts encoder and searcher calls."""
+
+    def __init__(self, backend, delay_s: float = 0.0):
+        self.backend, self.delay_s = backend, delay_s
+        self.dim, self.shard_names = backend.dim, backend.shard_names
+        self.shard_groups, self.sparse = backend.shard_groups, backend.sparse
+        self.encoded: list[int] = []
+        self.searched: list[tuple[int, int]] = []  # (group, rows)
+
+    async def encode(self, texts, kind="query"):
+        self.encoded.append(len(texts))
+        return await self.backend.encode(texts, kind)
+
+    async def search_group(self, number, query):
+        self.searched.append((number, len(query.vectors)))
+        await asyncio.sleep(self.delay_s)
+        return await self.backend.search_group(number, query)
+
+    def info(self):
+        return self.backend.info()
+
+    def doc(self, doc_id):
+        return self.backend.doc(doc_id)
+
+
+def test_a_batch_is_one_encoder_call_and_one_call_per_searcher(small_backend, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    small_backend.encoder.encode_queries(["warm-up"])  # MiniLM loaded before the clock runs
+    counting = CountingBackend(small_backend)
+    texts = [f"query number {i} about cells" for i in range(100)]
+    with TestClient(make_api(counting)) as client:
+        batch = client.post("/search", json={"queries": texts, "top_k": 5}).json()
+        assert counting.encoded == [100]
+        assert sorted(counting.searched) == [(g, 100) for g in range(4)]
+        single = client.post("/search", json={"query": texts[7], "top_k": 5}).json()
+    assert len(batch["results"]) == 100
+    assert [h["doc_id"] for h in batch["results"][7]["hits"]] == [
+        h["doc_id"] for h in single["hits"]]
+
+
+def test_concurrent_requests_share_searcher_calls(small_backend, monkeypatch):
+    """Through the HTTP app: 32 concurrent requests over a Coalescer per searcher (as the
+    Router has) make far fewer than 32 calls per searcher, with the same answers."""
+    from serve.fanout import Coalescer
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    counting = CountingBackend(small_backend, delay_s=0.05)  # a searcher's round trip
+    coalescers = [Coalescer(lambda q, g=g: counting.search_group(g, q), timeout_s=5.0)
+                  for g in range(4)]
+
+    class Routed(CountingBackend):
+        def search_group(self, number, query):
+            return coalescers[number].search(query)
+
+    routed = Routed(small_backend)
+    routed.search_group = Routed.search_group.__get__(routed)
+    vectors = [small_backend.shards[i % 4].index.reconstruct(i).tolist() for i in range(32)]
+
+    async def many():
+        transport = httpx.ASGITransport(app=make_api(routed))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await asyncio.gather(*(client.post("/search", json={"vector": v, "top_k": 5})
+                                          for v in vectors))
+
+    answers = [r.json() for r in asyncio.run(many())]
+    for vector, answer in zip(vectors, answers):
+        assert _pairs(answer) == sh.search_all(small_backend.shards,
+                                               np.asarray([vector], np.float32), 5)[0]
+    calls = [c.calls for c in coalescers]
+    assert all(c < 16 for c in calls), calls
+    assert sum(rows for _, rows in counting.searched) == 32 * 4
