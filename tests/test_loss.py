@@ -58,3 +58,51 @@ def test_info_nce_masks_the_same_querys_other_positives():
     assert info_nce(q, p, t, 2, query_keys=keys).item() == pytest.approx(expected, rel=1e-6)
     assert info_nce(q, p, t, 2, query_keys=torch.tensor([1, 2, 3])).item() == pytest.approx(
         info_nce(q, p, t, 2).item(), rel=1e-6)  # distinct queries: nothing masked
+
+
+def test_matryoshka_loss_is_the_weighted_sum_over_renormalised_prefixes():
+    import torch.nn.functional as F
+
+    from retriever.training.losses import contrastive_loss, matryoshka_dims
+
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(4, 16), dim=-1)
+    p = F.normalize(torch.randn(12, 16), dim=-1)
+    plain = info_nce(q, p, temperature=0.05)
+    assert contrastive_loss(q, p, 0.05).item() == pytest.approx(plain.item(), rel=1e-7)
+    expected = (0.5 * info_nce(F.normalize(q[:, :4], dim=-1), F.normalize(p[:, :4], dim=-1), 0.05)
+                + 1.0 * info_nce(F.normalize(q[:, :8], dim=-1), F.normalize(p[:, :8], dim=-1),
+                                 0.05)
+                + 2.0 * plain)
+    found = contrastive_loss(q, p, 0.05, dims=[4, 8], weights=[0.5, 1.0, 2.0])
+    assert found.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert matryoshka_dims([4, 8], 16) == [4, 8, 16] and matryoshka_dims([4, 16], 16) == [4, 16]
+    assert matryoshka_dims(None, 16) == [16]
+    with pytest.raises(ValueError, match="larger than the embedding size 16"):
+        contrastive_loss(q, p, 0.05, dims=[32])
+    with pytest.raises(ValueError, match="one per dimension"):
+        contrastive_loss(q, p, 0.05, dims=[4], weights=[1.0])
+
+
+def test_training_options_are_checked():
+    from retriever.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="grad_cache_chunk"):
+        TrainConfig(train_data="x", grad_cache_chunk=0)
+    with pytest.raises(ValueError, match="increasing"):
+        TrainConfig(train_data="x", matryoshka_dims=[128, 64])
+    with pytest.raises(ValueError, match="without matryoshka_dims"):
+        TrainConfig(train_data="x", matryoshka_weights=[1.0])
+    # off by default: the fingerprint of a run without them is what it was before they existed
+    config = TrainConfig(train_data="x")
+    assert "matryoshka_dims" not in config.essential()
+    assert "grad_cache_chunk" not in config.essential()  # same gradients: a resumable change
+
+
+def test_grad_cache_chunks_cover_the_batch():
+    from retriever.training.gradcache import chunk_slices
+
+    assert chunk_slices(8, 3) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert chunk_slices(2, 3) == [slice(0, 2)]
+    with pytest.raises(ValueError, match="chunk"):
+        chunk_slices(4, 0)

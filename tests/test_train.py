@@ -232,6 +232,132 @@ def test_settings_change_refuses_to_resume(runs, assets):
         train(mechanics_config(assets, "ddp", first.out, learning_rate=5e-4))
 
 
+# ---------------------------------------------------------------------------- GradCache
+
+
+def gradient_probe(payload: dict) -> None:
+    """A worker loop: the training setup, then one micro-batch's LoRA gradients twice, by the
+    plain graph over the same chunks and by GradCache, each from the same RNG state; reports
+    their largest relative difference (per tensor, as ||cached - plain|| / ||plain||)."""
+    import ray.train
+
+    from retriever.io import store
+    from retriever.training import loop
+    from retriever.training.gradcache import cached_backward, chunked_backward
+
+    worker = loop._start_worker(payload)
+    loop._load_texts(worker)
+    loop._configure_deepspeed(worker)
+    loop._build_peft_model(worker)
+    torch.manual_seed(1)
+    with torch.no_grad():  # lora_B starts at 0, which would leave lora_A without gradient
+        for name, parameter in worker.peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    loop._build_engine(worker, None)
+    worker.module.train()
+    config, device = worker.config, worker.device
+    batch = worker.sampler.micro_batch(0, 0, worker.rank)
+    q = worker.texts.batch(batch.queries, "query", device)
+    p = worker.texts.batch(batch.passages, "passage", device)
+    loss_fn = loop.loss_function(worker, batch.query_ids)
+    grads, found = {}, {}
+    for name in ("plain", "cached"):
+        torch.manual_seed(7)
+        if name == "plain":
+            found[name] = float(chunked_backward(worker.engine, q, p, loss_fn,
+                                                 config.grad_cache_chunk, True))
+        else:
+            found[name] = float(cached_backward(worker.engine, q, p, loss_fn,
+                                                config.grad_cache_chunk, True, device))
+        grads[name] = worker.engine.full_gradients()
+        worker.engine.step()  # clears the gradients; lr 1e-30 leaves the weights as they are
+    relative = {k: float((grads["cached"][k] - g).norm() / g.norm())
+                for k, g in grads["plain"].items()}
+    if worker.rank == 0:  # (Ray Train keeps only a checkpoint's metrics in its Result)
+        store.write_json(store.join(payload["out"], "probe.json"), {
+            "tensors": len(relative), "max_relative": max(relative.values()),
+            "min_norm_a": min(float(g.norm()) for k, g in grads["plain"].items()
+                              if "lora_A" in k),
+            "same_keys": sorted(grads["plain"]) == sorted(grads["cached"]),
+            "loss_plain": found["plain"], "loss_cached": found["cached"]})
+    ray.train.report({"step": 1})
+
+
+@pytest.fixture(scope="module")
+def gradient_probes(assets, ray_local):
+    from retriever.training.run import build_trainer
+
+    def probe(strategy: str) -> dict:
+        out = str(assets["root"] / f"probe-{strategy}")
+        config = mechanics_config(assets, strategy, out, lora_dropout=0.1, grad_cache_chunk=3,
+                                  gradient_accumulation_steps=1, learning_rate=1e-30)
+        result = build_trainer(config, out, assets["examples"],
+                               worker_loop=gradient_probe).fit()
+        assert result.error is None, result.error
+        return json.loads(Path(out, "probe.json").read_text())
+
+    return probe
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "zero2", "ddp"])
+def test_grad_cache_gradients_equal_the_uncached_ones(gradient_probes, strategy):
+    """LoRA dropout on, 2 workers with cross-worker negatives, gradient checkpointing on,
+    chunks of 3 (queries 2, passages 3+3+2): GradCache's LoRA gradients are the plain
+    graph's to 1e-5 (fp32), which only holds if the second pass replays the dropout masks."""
+    metrics = gradient_probes(strategy)
+    assert metrics["same_keys"] and metrics["tensors"] >= 8
+    assert metrics["min_norm_a"] > 0  # every lora_A (and lora_B) gradient is in the check
+    assert metrics["loss_cached"] == pytest.approx(metrics["loss_plain"], rel=1e-6)
+    assert metrics["max_relative"] <= 1e-5, metrics
+
+
+def test_grad_cache_run_has_the_uncached_runs_losses(runs, assets):
+    """A 5-step ZeRO-3 run with GradCache (chunks of 3, 2 accumulation steps) trains as the
+    plain run does: the same loss at every step (constant lr: the 10-step run's first 5)."""
+    from retriever.training.run import train
+
+    out = str(assets["root"] / "run-gradcache")
+    result = train(mechanics_config(assets, "zero3", out, max_steps=5, grad_cache_chunk=3))
+    assert result.error is None
+    assert np.allclose(losses(result), losses(runs("zero3"))[:5], rtol=0, atol=LOSS_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------- Matryoshka
+
+
+def held_out_mrr(model: str, examples: str, dims: int) -> float:
+    """MRR of each held-out query's positive among all held-out positives, at ``dims``."""
+    from retriever.io.formats import load_training_examples
+    from retriever.modeling.encoder import Encoder, EncoderConfig
+
+    rows = load_training_examples(examples)
+    encoder = Encoder(EncoderConfig(model=model, dtype="float32", dims=dims))
+    queries = encoder.encode([r.query for r in rows], "query")
+    passages = encoder.encode([r.positives[0] for r in rows], "passage")
+    scores = queries @ passages.T
+    ranks = (scores > np.diag(scores)[:, None]).sum(axis=1) + 1
+    return float(np.mean(1.0 / ranks))
+
+
+def test_matryoshka_training_makes_a_short_prefix_retrieve(assets, ray_local, tmp_path):
+    """DDP, 2 workers, loss over the first 8 of 32 dimensions and the full vector: the
+    exported model's 8-dim embeddings retrieve held-out queries' positives better than the
+    untrained model's first 8 dims, and the export records the dimensions."""
+    from retriever.training.run import train
+
+    out = str(assets["root"] / "run-matryoshka")
+    result = train(mechanics_config(assets, "ddp", out, max_steps=16, learning_rate=3e-3,
+                                    matryoshka_dims=[8], matryoshka_weights=[1.0, 0.5]))
+    assert result.error is None
+    settings = json.loads(Path(out, "merged", "retriever.json").read_text())
+    assert settings["trained"]["matryoshka_dims"] == [8, 32]
+    held_out = str(examples_file(tmp_path / "held-out.jsonl", n=48, seed=1))
+    trained = held_out_mrr(str(Path(out, "merged")), held_out, dims=8)
+    untrained = held_out_mrr(assets["model"], held_out, dims=8)
+    assert trained > untrained + 0.05, (trained, untrained)
+
+
 # ---------------------------------------------------------------------------- no Ray needed
 
 
@@ -332,3 +458,24 @@ def test_run_folder_on_s3(s3_env, assets, ray_local, tmp_path):
     local = local_copy(store.join(out, "adapter"))
     encoder = Encoder(EncoderConfig(model=str(local), dtype="float32"))
     assert encoder.encode(["shock wave"], "query").shape == (1, 32)
+
+
+def test_encoder_dims_truncate_then_renormalise(tmp_path):
+    """``dims=`` gives the full vectors' first N dimensions, L2-normalised again; it is in
+    the recorded settings (so an index's query encoder replays it) and the vector size."""
+    from retriever.modeling.encoder import EncoderConfig, Encoder, WeightlessEncoder
+
+    model = str(tiny_bert(tmp_path / "bert"))
+    texts = ["shock wave boundary layer", "heat transfer cone nozzle", "panel flutter"]
+    full = Encoder(EncoderConfig(model=model, dtype="float32")).encode(texts, "passage")
+    short = Encoder(EncoderConfig(model=model, dtype="float32", dims=8))
+    vectors = short.encode(texts, "passage")
+    expected = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    assert vectors.shape == (3, 8) and np.allclose(vectors, expected, atol=1e-6)
+    assert short.settings()["dims"] == 8 and short.settings()["dim"] == 8
+    assert "dims" not in Encoder(EncoderConfig(model=model, dtype="float32")).settings()
+    assert EncoderConfig.replaying(short.settings()).dims == 8
+    with pytest.raises(ValueError, match="dims 64: .* embeds only 32 dimensions"):
+        _ = WeightlessEncoder(EncoderConfig(model=model, dims=64)).dim
+    with pytest.raises(ValueError, match="dims must be >= 1"):
+        EncoderConfig(dims=0)

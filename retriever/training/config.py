@@ -75,6 +75,16 @@ class TrainConfig:
     per_positive: bool = field(default=False, metadata={
         "help": "one training item per (query, positive) pair instead of per query"})
     gradient_checkpointing: bool = True
+    grad_cache_chunk: int | None = field(default=None, metadata={
+        "help": "GradCache (Gao et al. 2021): embed the micro-batch without a graph in chunks "
+                "of this many texts, take the loss on the whole batch, then re-embed chunk by "
+                "chunk with the cached embedding gradients; memory of one chunk, the gradients "
+                "of the whole batch (default: off)"})
+    matryoshka_dims: list[int] | None = field(default=None, metadata={
+        "help": "Matryoshka (Kusupati et al. 2022): also train these embedding prefixes, e.g. "
+                "[64, 128, 256] (the full size is always added); the loss is their weighted sum"})
+    matryoshka_weights: list[float] | None = field(default=None, metadata={
+        "help": "one weight per Matryoshka dimension, the full size last (default: all 1)"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"})
     seed: int = 0
@@ -129,8 +139,22 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        self._check_gradient_options()
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
             raise ValueError(f"dtype {self.dtype!r}: expected auto, float32 or bfloat16")
+
+    def _check_gradient_options(self) -> None:
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            raise ValueError(f"grad_cache_chunk must be >= 1, got {self.grad_cache_chunk}")
+        dims = self.matryoshka_dims or []
+        if any(d < 1 for d in dims) or dims != sorted(set(dims)):
+            raise ValueError(f"matryoshka_dims {dims}: expected increasing positive sizes")
+        if self.matryoshka_weights is not None:
+            if not dims:
+                raise ValueError("matryoshka_weights given without matryoshka_dims")
+            if any(w < 0 for w in self.matryoshka_weights) or sum(self.matryoshka_weights) <= 0:
+                raise ValueError(f"matryoshka_weights {self.matryoshka_weights}: expected "
+                                 "non-negative weights, not all 0")
 
     @property
     def model(self) -> str:
@@ -151,11 +175,15 @@ class TrainConfig:
                          "export", "merge", "placement_strategy", "cpus_per_worker", "use_gpu",
                          "epochs", "max_steps", "zero3_persistence_threshold",
                          "zero3_max_live_parameters", "worker_env", "worker_resources",
-                         "export_passage_max_length")
+                         "export_passage_max_length", "grad_cache_chunk")
+    # Options added later that are off by default: left out of essential() while off, so the
+    # fingerprints (and default run ids) of runs without them stay what they were.
+    OPTIONAL_WHEN_OFF = ("matryoshka_dims", "matryoshka_weights")
 
     def essential(self) -> dict:
         """The settings that must stay the same for a run to be resumed."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES
+                and not (k in self.OPTIONAL_WHEN_OFF and v is None)}
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`essential`."""

@@ -105,6 +105,9 @@ class Engine:
 
     Per micro-step: ``with engine.accumulate(last)``: ``engine(**batch)`` then
     ``engine.backward(loss)``; then ``engine.step()`` (updates at accumulation boundaries).
+    GradCache calls ``backward`` once per chunk, each inside ``accumulate(last)`` with
+    ``last`` true only for the final chunk of the final micro-step: gradients are synchronised
+    (DDP) or reduced at the boundary (DeepSpeed) exactly once per optimizer step.
     """
 
     strategy: str
@@ -127,6 +130,11 @@ class Engine:
         raise NotImplementedError
 
     def lr(self) -> float:
+        raise NotImplementedError
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Full fp32 gradients of the trainable weights by name, after the boundary backward and
+        before ``step``; a collective (for checks such as GradCache against no caching)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- state (collective)
@@ -196,6 +204,10 @@ class DDPEngine(Engine):
     def lr(self):
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def full_gradients(self):
+        return {name: p.grad.detach().float().cpu().clone() for p, name in self.names.items()
+                if p.grad is not None}
+
     def full_weights(self):
         return {name: p.detach().float().cpu().clone() for p, name in self.names.items()}
 
@@ -235,8 +247,25 @@ class DeepSpeedEngine(Engine):
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def accumulate(self, last_micro_step: bool):
+        # Said explicitly for every backward (DeepSpeed's own counter assumes one backward per
+        # micro-step; GradCache makes several): reduce and step only at the last one.
+        self.engine.set_gradient_accumulation_boundary(last_micro_step)
+        yield
+
     def backward(self, loss):
         self.engine.backward(loss)
+
+    def full_gradients(self):
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for p, name in self.names.items():
+            grad = safe_get_full_grad(p)  # ZeRO-3: a collective
+            if grad is not None:
+                out[name] = grad.detach().float().cpu().clone()
+        return out
 
     def step(self):
         self.engine.step()

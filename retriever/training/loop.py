@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from retriever.io import store
-from retriever.training.losses import info_nce
+from retriever.training.losses import contrastive_loss, matryoshka_dims
 from retriever.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -393,20 +393,37 @@ def _optimizer_step(worker: WorkerState, step: int, memory_peak: MemoryPeak) -> 
 
 def _micro_step(worker: WorkerState, step: int, micro: int) -> torch.Tensor:
     """Embed, score and backpropagate this rank's micro-batch; returns its loss (CPU)."""
+    from retriever.training.gradcache import cached_backward
+
     config, engine, device = worker.config, worker.engine, worker.device
     batch = worker.sampler.micro_batch(step, micro, worker.rank)
     q = worker.texts.batch(batch.queries, "query", device)
     p = worker.texts.batch(batch.passages, "passage", device)
     last = micro == config.gradient_accumulation_steps - 1
-    with engine.accumulate(last):
-        q_vectors, p_vectors = engine(q["input_ids"], q["attention_mask"],
-                                      p["input_ids"], p["attention_mask"])
-        loss = info_nce(q_vectors, p_vectors, config.temperature, config.group_size,
-                        gather=config.gather_negatives and worker.world > 1,
-                        query_keys=query_keys(batch.query_ids, device))
-        engine.backward(loss)
+    loss_fn = loss_function(worker, batch.query_ids)
+    if config.grad_cache_chunk:
+        loss = cached_backward(engine, q, p, loss_fn, config.grad_cache_chunk, last, device)
+    else:
+        with engine.accumulate(last):
+            q_vectors, p_vectors = engine(q["input_ids"], q["attention_mask"],
+                                          p["input_ids"], p["attention_mask"])
+            loss = loss_fn(q_vectors, p_vectors)
+            engine.backward(loss)
     engine.step()
     return loss.detach().float().cpu()
+
+
+def loss_function(worker: WorkerState, query_ids: list[str]):
+    """``(query vectors, passage vectors) -> loss`` for this micro-batch: InfoNCE with
+    in-batch, hard and (if on) cross-worker negatives, over the Matryoshka prefixes if any."""
+    import functools
+
+    config = worker.config
+    return functools.partial(contrastive_loss, temperature=config.temperature,
+                             group_size=config.group_size,
+                             gather=config.gather_negatives and worker.world > 1,
+                             query_keys=query_keys(query_ids, worker.device),
+                             dims=config.matryoshka_dims, weights=config.matryoshka_weights)
 
 
 def _step_metrics(worker: WorkerState, step: int, mean_loss: float, lr: float, elapsed: float,
@@ -485,10 +502,14 @@ def export(out: str, peft_model, weights: dict, texts, resolved, base_ref: str,
     import json
 
     from retriever.training.export import merge_adapter, upload_dir, write_adapter
+    from retriever.training.model import hidden_size
 
     defaults = export_defaults(texts, config)
     provenance = {"train_data": state["train_data"], "fingerprint": config.fingerprint(),
                   "steps": state["total_steps"]}
+    if config.matryoshka_dims:  # the prefixes it was trained to embed with (Encoder dims=)
+        provenance["matryoshka_dims"] = matryoshka_dims(config.matryoshka_dims,
+                                                        hidden_size(resolved))
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:
         adapter = os.path.join(scratch, "adapter")
         write_adapter(adapter, peft_model, weights, defaults, base_ref, trained=provenance)

@@ -79,3 +79,36 @@ def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float =
         mask[torch.arange(n_queries), targets] = False
         scores = scores.masked_fill(mask, float("-inf"))
     return F.cross_entropy(scores, targets)
+
+
+def matryoshka_dims(dims: list[int] | None, full: int) -> list[int]:
+    """The nested prefix sizes a Matryoshka loss sums over: ``dims`` then the full size
+    (once), each at most ``full``; ``[full]`` without ``dims``."""
+    dims = list(dims or [])
+    if any(d > full for d in dims):
+        raise ValueError(f"matryoshka_dims {dims}: larger than the embedding size {full}")
+    return dims + ([full] if not dims or dims[-1] != full else [])
+
+
+def contrastive_loss(queries: torch.Tensor, passages: torch.Tensor, temperature: float,
+                     group_size: int | None = None, gather: bool = False,
+                     query_keys: torch.Tensor | None = None, dims: list[int] | None = None,
+                     weights: list[float] | None = None) -> torch.Tensor:
+    """InfoNCE on the full vectors, or, with ``dims``, the Matryoshka loss (Kusupati et al.
+    2022, "Matryoshka Representation Learning"): the weighted sum of InfoNCE over the nested
+    prefixes ``dims`` + the full vector, each prefix L2-normalised again (as the Encoder's
+    ``dims=`` truncates). ``weights``: one per prefix incl. the full one (default all 1)."""
+    nested = matryoshka_dims(dims, queries.size(-1))
+    weights = list(weights) if weights else [1.0] * len(nested)
+    if len(weights) != len(nested):
+        raise ValueError(f"matryoshka_weights {weights}: expected {len(nested)} (one per "
+                         f"dimension {nested})")
+    total = None
+    for dim, weight in zip(nested, weights):
+        q, p = queries, passages
+        if dim < queries.size(-1):
+            q = F.normalize(queries[:, :dim], dim=-1)
+            p = F.normalize(passages[:, :dim], dim=-1)
+        term = weight * info_nce(q, p, temperature, group_size, gather, query_keys)
+        total = term if total is None else total + term
+    return total

@@ -16,7 +16,9 @@ from retriever.modeling.pooling import embed
 
 
 class EmbeddingModel(torch.nn.Module):
-    """``forward(q_ids, q_mask, p_ids, p_mask) -> (query vectors, passage vectors)``."""
+    """``forward(ids, mask, ids, mask, ...) -> (vectors, vectors, ...)``: one embedding per
+    (token ids, attention mask) pair, e.g. ``(q_ids, q_mask, p_ids, p_mask)`` -> queries and
+    passages in one call, or one chunk of texts (GradCache) as ``(ids, mask)``."""
 
     def __init__(self, backbone: torch.nn.Module, pooling: str, normalize: bool):
         super().__init__()
@@ -27,8 +29,11 @@ class EmbeddingModel(torch.nn.Module):
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return embed(self.backbone, input_ids, attention_mask, self.pooling, self.normalize)
 
-    def forward(self, query_ids, query_mask, passage_ids, passage_mask):
-        return self.embed(query_ids, query_mask), self.embed(passage_ids, passage_mask)
+    def forward(self, *pairs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not pairs or len(pairs) % 2:
+            raise ValueError(f"expected (input_ids, attention_mask) pairs, got {len(pairs)} "
+                             "tensors")
+        return tuple(self.embed(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2))
 
 
 class Backbone:

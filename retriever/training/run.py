@@ -163,7 +163,10 @@ def worker_env(config: TrainConfig, use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):
+def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=(),
+                  worker_loop=None):
+    """The ``TorchTrainer`` running ``worker_loop`` (default: the training loop) on every
+    worker with ``{"config", "out", "train_data"}``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -184,7 +187,7 @@ def build_trainer(config: TrainConfig, out: str, train_data: str, callbacks=()):
     payload = {"config": config.to_dict(), "out": out, "train_data": train_data}
     env = worker_env(config, use_gpu)
     return TorchTrainer(
-        train_loop_per_worker,
+        worker_loop or train_loop_per_worker,
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
