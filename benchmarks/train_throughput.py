@@ -15,6 +15,12 @@ RSS without that effect, at some speed cost. ::
 
     python benchmarks/train_throughput.py --model smollm2-135m --steps 6
     python benchmarks/train_throughput.py --model minilm --per-device-batch-size 8 --group-size 4
+    python benchmarks/train_throughput.py --model minilm --per-device-batch-size 128 \
+        --group-size 1 --grad-cache-chunk 16 --strategies zero3 ddp --steps 3
+
+``--grad-cache-chunk N`` measures every strategy twice, without and with GradCache (chunks of N
+texts), and prints GradCache's peak memory per worker and samples/s as ratios to the same
+strategy without it (the effective batch is the same: per-device batch x workers).
 
 Training examples: ``--train-data`` (a training-examples file or `retriever mine` folder), or
 synthetic ones built from Cranfield's text (``../shared/datasets/cranfield``) by default.
@@ -54,13 +60,14 @@ def synthetic_examples(path: Path, n: int, negatives: int = 8) -> Path:
     return path
 
 
-def measure(strategy: str, args, train_data: str, root: Path) -> dict:
+def measure(strategy: str, args, train_data: str, root: Path, chunk: int | None = None) -> dict:
     from retriever.training.checkpoint import read_state
     from retriever.training.config import TrainConfig
     from retriever.training.run import train
 
     config = TrainConfig.from_dict(dict(
-        train_data=train_data, model=args.model, out=str(root / strategy), strategy=strategy,
+        train_data=train_data, model=args.model, out=str(root / f"{strategy}-{chunk}"),
+        strategy=strategy, grad_cache_chunk=chunk,
         num_workers=args.workers, max_steps=args.steps,
         per_device_batch_size=args.per_device_batch_size, group_size=args.group_size,
         passage_max_length=args.passage_max_length, query_max_length=32,
@@ -75,7 +82,8 @@ def measure(strategy: str, args, train_data: str, root: Path) -> dict:
     history = state["history"]
     steady = [h["step_s"] for h in history[1:]] or [history[0]["step_s"]]
     queries = args.per_device_batch_size * args.workers
-    return {"strategy": strategy, "samples_per_s": queries / statistics.median(steady),
+    return {"strategy": strategy + (f"+gc{chunk}" if chunk else ""), "base": strategy,
+            "grad_cache_chunk": chunk, "samples_per_s": queries / statistics.median(steady),
             "peak_memory_mb": result.metrics["peak_memory_mb"],
             "peak_rss_lifetime_mb": result.metrics["peak_rss_lifetime_mb"],
             "params_held": result.metrics["partition"]["params_held"],
@@ -98,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=STRATEGIES)
     parser.add_argument("--worker-env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="environment for the workers, e.g. MALLOC_MMAP_THRESHOLD_=131072")
+    parser.add_argument("--grad-cache-chunk", type=int, default=None,
+                        help="also measure every strategy with GradCache in chunks of N")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -109,10 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(scratch)
         train_data = args.train_data or str(synthetic_examples(root / "examples.jsonl", 150))
         for strategy in args.strategies:
-            print(f"measuring {strategy} ...", file=sys.stderr, flush=True)
-            rows.append(measure(strategy, args, train_data, root))
+            for chunk in (None, args.grad_cache_chunk) if args.grad_cache_chunk else (None,):
+                print(f"measuring {strategy} (GradCache chunk {chunk}) ...", file=sys.stderr,
+                      flush=True)
+                rows.append(measure(strategy, args, train_data, root, chunk))
     ray.shutdown()
+    if args.grad_cache_chunk:
+        print_grad_cache(rows, args)
 
+    rows = [r for r in rows if not r["grad_cache_chunk"]]
     peer = next((r for r in rows if r["strategy"] == "ddp"), rows[-1])
     print(f"\nmodel {args.model}, {args.workers} workers, {args.per_device_batch_size} queries x "
           f"{args.group_size} passages per worker per step, passages <= "
@@ -139,6 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def print_grad_cache(rows: list[dict], args) -> None:
+    """GradCache against the same strategy without it, measured in this run."""
+    print(f"\nGradCache (chunks of {args.grad_cache_chunk} texts), effective batch "
+          f"{args.per_device_batch_size * args.workers} queries x {args.group_size} passages; "
+          "ratios against the same strategy without GradCache in this run (a shared, busy "
+          "machine: repeat before quoting)")
+    header = (f"{'strategy':<10}  {'samples/s':>10}  {'x without':>9}  "
+              f"{'train peak MiB/worker':>22}  {'x without':>9}  losses agree")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        peer = next(p for p in rows if p["base"] == r["base"] and not p["grad_cache_chunk"])
+        same = max(abs(a - b) for a, b in zip(r["losses"], peer["losses"])) <= 1e-4
+        print(f"{r['strategy']:<10}  {r['samples_per_s']:>10.2f}  "
+              f"{r['samples_per_s'] / peer['samples_per_s']:>9.2f}  "
+              f"{' / '.join(f'{m:.0f}' for m in r['peak_memory_mb']):>22}  "
+              f"{max(r['peak_memory_mb']) / max(peer['peak_memory_mb']):>9.2f}  {same}")
 
 
 if __name__ == "__main__":
