@@ -13,14 +13,11 @@ missing browser FAILS this test; elsewhere it is skipped with the reason.
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 
 import pytest
 
 from serve.api import TOKEN_ENV
-from tests.helpers import dataset
+from tests.helpers import dataset, served
 from tests.index_fixtures import cache_dir, scifact_minilm
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,17 +43,9 @@ def require_browser() -> None:
         pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(pytestconfig, tmp_path_factory):
     require_browser()
-    import uvicorn
-
     from retriever.index import shards as sh
     from serve.api import make_api
     from serve.local import LocalBackend
@@ -75,19 +64,8 @@ def server(pytestconfig, tmp_path_factory):
             os.environ.pop(TOKEN_ENV, None)
         else:
             os.environ[TOKEN_ENV] = saved
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", backend
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+    with served(api) as url:
+        yield url, backend
 
 
 @pytest.mark.slow

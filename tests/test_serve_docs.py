@@ -11,14 +11,12 @@ outside CI when missing, failed under CI).
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import pytest
 
 from serve.api import TOKEN_ENV, make_api
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser
+from tests.helpers import served
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 from tests.test_serve import _small_index
 
 TOKEN = "docs-test-token"
@@ -27,8 +25,6 @@ TOKEN = "docs-test-token"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     require_browser()
-    import uvicorn
-
     from serve.local import LocalBackend
 
     backend = LocalBackend(_small_index(tmp_path_factory.mktemp("docs"), 4), gpu="no")
@@ -38,19 +34,8 @@ def server(tmp_path_factory):
         api = make_api(backend)  # reads the token now
     finally:
         mp.undo()
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+    with served(api) as url:
+        yield url
 
 
 @pytest.mark.timeout(180)
