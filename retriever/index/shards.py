@@ -2,16 +2,19 @@
 
 Layout under one index folder URL::
 
-    shard-00000.faiss         the shard in FAISS' own format (faiss.serialize_index; no pickle)
+    shard-00000.faiss         the shard in FAISS' own format (faiss.serialize_index; no pickle),
+                              rescoring store included (IndexRefine keeps it in the same file)
     shard-00000.ids.parquet   one ``doc_id`` string column: row r names FAISS label r
-    trained.faiss             IVF-PQ only: the quantiser and PQ codebooks, trained once
+    trained.faiss             IVF / SQ types: the empty trained index (quantiser, codebooks,
+                              SQ ranges), trained once
     manifest.json             written last; an index without it is incomplete
 
 Shard ``s`` of ``n`` holds the contiguous row range ``[s*rows//n, (s+1)*rows//n)`` of the
 embedding dataset (manifest order), so a shard is built by reading only the parts it
 overlaps, and shards can be built in parallel (``jobs/index.py`` runs them as Ray tasks).
 
-Types (all inner product; with L2-normalised embeddings that is cosine):
+Types (all inner product; with L2-normalised embeddings that is cosine), their factory
+strings and bytes per vector: :mod:`retriever.index.types` (``IndexSpec``, re-exported here).
 
 - ``flat``: ``Flat`` (exact).
 - ``ivfpq``: ``IVF{nlist},PQ{m}x{nbits}np,Refine(SQ8)``: IVF lists of PQ codes (``np``: no
@@ -24,6 +27,15 @@ Types (all inner product; with L2-normalised embeddings that is cosine):
   index is the start of every shard, so all shards share them. ``nprobe`` is chosen as the
   smallest power of two whose recall@10 against exact search reaches the target.
 - ``hnsw``: ``HNSW{M},Flat``; ``efSearch`` chosen the same way.
+- ``sq8``: ``SQ8,Refine(SQfp16)``: an 8-bit scalar-quantised scan whose ``k_factor`` x k best
+  are rescored by their fp16 vectors; ``k_factor`` chosen the same way.
+- ``binary``: ``LSH,Refine(SQ8)``: sign bits searched by Hamming distance, the ``k_factor`` x
+  k nearest rescored by SQ8 codes; ``k_factor`` chosen the same way.
+
+Loading: :meth:`IndexShard.load` reads a shard into memory, or with ``mmap=True`` maps it
+(``faiss.IO_FLAG_MMAP_IFC``: code stores, IVF lists and rescoring stores stay in the page
+cache); a remote shard is then mapped from a local copy named by its sha256 under the shard
+cache (:func:`cached_copy`), checked once when it is copied.
 
 Recall@k is measured while building: a sample of documents serves as queries (each one's own
 document excluded from both rankings); every shard reports its exact and approximate top-k
@@ -35,10 +47,13 @@ the IVF quantiser runs on all GPUs of the driver, each shard task decides for it
 flat shards are searched there. Shards are always written from the CPU form.
 
 Manifest keys: ``format`` ("retriever.index/1"), ``type``, ``factory``, ``metric``, ``dim``,
-``rows``, ``shards`` (list of {"index", "ids", "rows", "start", "sha256", "ids_sha256"}),
-``search_params`` ({"nprobe": n} / {"efSearch": n} / {}), ``recall`` (at, value, queries,
-per search parameter), ``train`` (sample size, seed), ``gpu``, ``source`` (embeddings URL,
-its manifest's sha256, encoder settings, dtype, rows), ``identity`` (what a rebuild must match
+``rows``, ``shards`` (list of {"index", "ids", "rows", "start", "bytes", "sha256",
+"ids_sha256"}), ``bytes_per_vector`` ({"measured": the shard files' bytes / rows, "planned":
+the capacity plan's figure for the same factory, "planned_per_vector",
+"planned_fixed_per_shard", "planner_error"}), ``search_params`` ({"nprobe": n, "k_factor": f}
+/ {"efSearch": n} / {"k_factor": f} / {}), ``recall`` (at, value, queries, param, chosen,
+per search parameter; every type but flat), ``train`` (sample size, seed), ``gpu``,
+``source`` (embeddings URL, its manifest's sha256, encoder settings, dtype, rows), ``identity`` (what a rebuild must match
 for the index to be reused: the embeddings' part checksums and the build settings),
 ``code_version``, ``created``. Loading checks every shard and id map against its sha256.
 
@@ -53,7 +68,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -68,15 +82,13 @@ from retriever.io import embeddings, store
 from retriever.errors import InputError
 from retriever.index.exact import ExactSearcher, search_index, to_gpu_if_available
 from retriever.index.ranking import Hit, merge
+from retriever.index.types import (  # noqa: F401  (re-exported: shards.IndexSpec etc.)
+    METRIC, MIN_POINTS_PER_CENTROID, PARAM, TYPES, IndexSpec, footprint, new_index,
+    set_search_params)
 
 FORMAT = "retriever.index/1"
 MANIFEST = "manifest.json"
 TRAINED = "trained.faiss"
-TYPES = ("flat", "ivfpq", "hnsw")
-METRIC = "inner_product"
-# FAISS warns below 39 training points per centroid; fewer gives poor centroids.
-MIN_POINTS_PER_CENTROID = 39
-PARAM = {"ivfpq": "nprobe", "hnsw": "efSearch"}
 
 
 def shard_name(number: int) -> str:
@@ -119,96 +131,7 @@ def use_gpu(setting: str | bool = "auto") -> bool:
     return wanted
 
 
-# --------------------------------------------------------------------------- the index spec
-
-@dataclass
-class IndexSpec:
-    """What to build; ``None`` fields are derived from the data (see ``resolve``)."""
-
-    type: str = "flat"
-    factory: str | None = None  # an explicit FAISS factory string overrides the fields below
-    nlist: int | None = None  # ivfpq: coarse centroids (default ~4 sqrt(rows), power of two)
-    pq_m: int | None = None  # ivfpq: sub-quantisers (default ~dim / 8, a divisor of dim)
-    pq_nbits: int | None = None  # ivfpq: bits per code (default 8, fewer for small samples)
-    refine: str | None = "SQ8"  # ivfpq: re-rank codes (SQ8 | SQfp16 | Flat), None: no re-rank
-    k_factor: int = 4  # ivfpq with refine: candidates re-ranked = k_factor x k
-    hnsw_m: int = 32
-    ef_construction: int = 200
-    search_value: int | None = None  # nprobe / efSearch; None = smallest reaching the target
-    target_recall: float = 0.95
-    recall_at: int = 10
-
-    def __post_init__(self):
-        if self.type not in TYPES:
-            raise InputError(f"index type {self.type!r}: expected one of {', '.join(TYPES)}")
-        for name in ("nlist", "pq_m", "pq_nbits", "hnsw_m", "ef_construction", "search_value",
-                     "recall_at", "k_factor"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"{name} must be >= 1, got {value}")
-        if not 0 < self.target_recall <= 1:
-            raise InputError(f"target_recall must be in (0, 1], got {self.target_recall}")
-
-    def default_nlist(self, rows: int, train_rows: int) -> int:
-        """~4 sqrt(rows) rounded up to a power of two, at most train_rows / 39."""
-        want = 1 << max(0, math.ceil(math.log2(max(1.0, 4 * math.sqrt(rows)))))
-        cap = max(1, train_rows // MIN_POINTS_PER_CENTROID)
-        return max(1, min(want, 1 << int(math.log2(cap))))
-
-    def factory_string(self, dim: int, rows: int, train_rows: int) -> str:
-        if self.factory:
-            return self.factory
-        if self.type == "flat":
-            return "Flat"
-        if self.type == "hnsw":
-            return f"HNSW{self.hnsw_m},Flat"
-        nlist = self.nlist or self.default_nlist(rows, train_rows)
-        m = self.pq_m or next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
-        if dim % m:
-            raise InputError(f"pq_m {m} must divide the embedding dimension {dim}")
-        # 2^nbits centroids per sub-quantiser want >= 39 training points each
-        nbits = self.pq_nbits or max(1, min(8, int(math.log2(max(2, train_rows //
-                                                                 MIN_POINTS_PER_CENTROID)))))
-        refine = f",Refine({self.refine})" if self.refine else ""
-        return f"IVF{nlist},PQ{m}x{nbits}np{refine}"
-
-    def search_params(self, value: int | None) -> dict:
-        """The manifest's ``search_params`` for a chosen nprobe / efSearch."""
-        params = {PARAM[self.type]: int(value)} if self.type in PARAM and value else {}
-        if self.type == "ivfpq" and (self.refine or self.factory and "Refine" in self.factory
-                                     or self.factory and "RFlat" in self.factory):
-            params["k_factor"] = self.k_factor
-        return params
-
-    def search_candidates(self, index: "faiss.Index") -> list[int]:
-        """The search-parameter values tried when choosing one (powers of two)."""
-        if self.type not in PARAM:
-            return []
-        if self.search_value:
-            return [self.search_value]
-        if self.type == "ivfpq":
-            nlist = faiss.extract_index_ivf(index).nlist
-            return sorted({min(1 << i, nlist) for i in range(int(math.log2(nlist)) + 2)})
-        return [16, 32, 64, 128, 256, 512]
-
-
-def new_index(factory: str, dim: int) -> "faiss.Index":
-    try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise InputError(f"FAISS factory string {factory!r} (dim {dim}): {err}") from err
-
-
-def set_search_params(index: "faiss.Index", params: dict) -> None:
-    """Apply ``{"nprobe": n}`` / ``{"efSearch": n}`` / ``{"k_factor": f}`` to an index."""
-    for name, value in params.items():
-        if name == "k_factor":
-            refine = faiss.downcast_index(index)
-            if hasattr(refine, "k_factor"):
-                refine.k_factor = float(value)
-        else:
-            faiss.ParameterSpace().set_index_parameter(index, name, int(value))
-
+# --------------------------------------------------------------------------- FAISS bytes
 
 def to_bytes(index: "faiss.Index") -> bytes:
     return faiss.serialize_index(index).tobytes()
@@ -290,7 +213,7 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
             chunk = np.ascontiguousarray(vectors[lo:lo + add_batch])
             chunk_ids = block_ids[lo:lo + add_batch]
             index.add(chunk)
-            if probe is not None and spec.type in PARAM:
+            if probe is not None and spec.measures_recall:
                 found = ExactSearcher(chunk, chunk_ids, use_gpu=gpu).search(probe.vectors, k)
                 exact = found if exact is None else [merge(pair, k)
                                                      for pair in zip(exact, found)]
@@ -304,9 +227,9 @@ def build_shard(embeddings_url: str, number: int, shards: int, spec: IndexSpec, 
     ids_url = store.join(out, ids_name(number))
     store.write_parquet(ids_table, ids_url)
     entry = {"index": index_name(number), "ids": ids_name(number), "rows": len(ids),
-             "start": start, "sha256": hashlib.sha256(data).hexdigest(),
+             "start": start, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
              "ids_sha256": embeddings.sha256_of(ids_url), "gpu": gpu}
-    if probe is not None and spec.type in PARAM:
+    if probe is not None and spec.measures_recall:
         shard = IndexShard(index, ids, spec.type, name=shard_name(number))
         entry["probe_exact"] = _drop_self(exact or [[] for _ in probe.ids], probe,
                                           spec.recall_at)
@@ -338,7 +261,7 @@ def merge_probe(entries: list[dict], spec: IndexSpec) -> dict:
     reaching = [v for v in values if per_value[v] >= spec.target_recall]
     chosen = reaching[0] if reaching else values[-1]
     return {"at": k, "value": per_value[chosen], "chosen": chosen, "target": spec.target_recall,
-            "queries": len(exact), "param": PARAM[spec.type],
+            "queries": len(exact), "param": spec.param or "none",
             "per_value": {str(v): per_value[v] for v in values}}
 
 
@@ -459,7 +382,7 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
     trained, train_info, probe_index = _train_once(embeddings_url, source, out, spec, factory,
                                                    train_rows, seed, on_gpu)
     probe = (_recall_probe(embeddings_url, source, queries, recall_queries, seed + 1)
-             if spec.type in PARAM and recall_queries > 0 else None)
+             if spec.measures_recall and recall_queries > 0 else None)
     shared = {"embeddings_url": embeddings_url, "shards": shards, "spec": spec,
               "factory": factory, "out": out, "trained": trained, "probe": probe,
               "gpu": gpu}
@@ -474,18 +397,40 @@ def build(embeddings_url: str, out: str, shards: int, spec: IndexSpec, *,
     manifest = {
         "format": FORMAT, "type": spec.type, "factory": factory, "metric": METRIC, "dim": dim,
         "rows": rows, "shards": entries,
+        "bytes_per_vector": bytes_per_vector(entries, factory, dim),
         "search_params": spec.search_params(search_value),
         "recall": recall_info, "train": train_info, "gpu": on_gpu, "spec": asdict(spec),
-        "identity": identity,
-        "source": {"embeddings": embeddings_url,
-                   "manifest_sha256": embeddings.sha256_of(
-                       store.join(embeddings_url, embeddings.MANIFEST)),
-                   "encoder": source.get("encoder", {}), "dtype": source.get("dtype"),
-                   "rows": rows},
+        "identity": identity, "source": _source(embeddings_url, source),
         "code_version": provenance.code_version(), "created": provenance.now(),
     }
     store.write_json(store.join(out, MANIFEST), manifest)
     return manifest
+
+
+def _source(embeddings_url: str, source: dict) -> dict:
+    """The manifest's ``source``: which embeddings, by URL and manifest checksum."""
+    return {"embeddings": embeddings_url,
+            "manifest_sha256": embeddings.sha256_of(store.join(embeddings_url,
+                                                               embeddings.MANIFEST)),
+            "encoder": source.get("encoder", {}), "dtype": source.get("dtype"),
+            "rows": int(source["rows"])}
+
+
+def bytes_per_vector(entries: list[dict], factory: str, dim: int) -> dict:
+    """The manifest's ``bytes_per_vector``: the shard files' bytes over their rows (measured),
+    next to what :func:`retriever.index.types.footprint` (the capacity plan's arithmetic)
+    predicts for the same factory, shards and rows. The id maps (parquet) are not counted."""
+    rows = sum(entry["rows"] for entry in entries)
+    measured = sum(entry["bytes"] for entry in entries) / rows
+    try:
+        planned = footprint(factory, dim)
+    except InputError:  # an explicit factory string the planner has no arithmetic for
+        return {"measured": round(measured, 3), "planned": None}
+    predicted = sum(planned.shard_bytes(entry["rows"]) for entry in entries) / rows
+    return {"measured": round(measured, 3), "planned": round(predicted, 3),
+            "planned_per_vector": planned.per_vector,
+            "planned_fixed_per_shard": planned.fixed,
+            "planner_error": round(predicted / measured - 1, 5)}
 
 
 # --------------------------------------------------------------------------- loading, searching
@@ -512,13 +457,61 @@ def _check_sha256(local: str, url: str, expected: str | None) -> None:
     _refuse_changed(url, digest, expected)
 
 
-def _read_index(url: str, sha256: str | None = None) -> "faiss.Index":
-    """FAISS reads local files itself; a remote shard is downloaded to a temporary file.
-    With ``sha256`` the file is checked against it first."""
+def cache_folder(cache_dir: str | None = None) -> str:
+    """Where remote shards are copied for memory mapping: ``cache_dir``, else
+    ``$RETRIEVER_SHARD_CACHE``, else ``~/.cache/retriever/shards``."""
+    return (cache_dir or os.environ.get("RETRIEVER_SHARD_CACHE")
+            or os.path.join(os.path.expanduser("~"), ".cache", "retriever", "shards"))
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def cached_copy(url: str, sha256: str, cache_dir: str | None = None) -> str:
+    """A local copy of the remote file ``url`` whose content is ``sha256``, named by it.
+
+    The copy is downloaded beside its final name, checked against ``sha256``, then renamed
+    into place, so a file under its final name was verified once and is reused as is by
+    every later load (the name is the content's checksum: a changed shard gets a new name).
+    """
+    folder = cache_folder(cache_dir)
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, f"{sha256}.faiss")
+    if os.path.exists(final):
+        return final
+    fs, path = store.filesystem(url)
+    partial = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{sha256[:16]}-", delete=False)
+    partial.close()
+    try:
+        fs.get(path, partial.name)
+        _check_sha256(partial.name, url, sha256)
+        os.replace(partial.name, final)
+    finally:
+        if os.path.exists(partial.name):
+            os.remove(partial.name)
+    return final
+
+
+def _read_index(url: str, sha256: str | None = None, mmap: bool = False,
+                cache_dir: str | None = None) -> "faiss.Index":
+    """FAISS reads local files itself; a remote shard is downloaded to a temporary file, or
+    with ``mmap`` to the shard cache (:func:`cached_copy`, which needs the ``sha256``).
+    With ``sha256`` the file is checked against it first.
+
+    ``mmap``: ``IO_FLAG_MMAP_IFC`` maps the file instead of reading it: flat and SQ/LSH code
+    stores, IVF inverted lists and refine stores stay in the page cache (paged in as searches
+    touch them), so the process holds a small part of the shard's bytes."""
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     if store.is_local(url):
-        local = url[len("file://"):] if url.startswith("file://") else url
+        local = _local_path(url)
         _check_sha256(local, url, sha256)
-        return faiss.read_index(local)
+        return faiss.read_index(local, flags)
+    if mmap:
+        if sha256 is None:
+            raise InputError(f"{url}: a remote shard is memory-mapped from a cache copy named "
+                             "by its sha256; load it with verify on")
+        return faiss.read_index(cached_copy(url, sha256, cache_dir), flags)
     fs, path = store.filesystem(url)
     with tempfile.TemporaryDirectory(prefix="retriever-shard-") as tmp:
         local = os.path.join(tmp, "shard.faiss")
@@ -558,19 +551,23 @@ class IndexShard:
 
     @classmethod
     def load(cls, folder: str, number: int, manifest: dict | None = None,
-             gpu: str | bool = "auto", verify: bool = True) -> "IndexShard":
+             gpu: str | bool = "auto", verify: bool = True, mmap: bool = False,
+             cache_dir: str | None = None) -> "IndexShard":
         """Shard ``number`` of the index at ``folder``; ``verify`` (default) checks the shard
         and its id map against the manifest's sha256 (off only to save reading huge shards
-        twice where the storage itself is trusted)."""
+        twice where the storage itself is trusted). ``mmap`` maps the shard file instead of
+        reading it (see :func:`_read_index`; a remote shard is mapped from a verified local
+        copy under ``cache_dir``) and keeps it on the CPU."""
         manifest = manifest or read_manifest(folder)
         if not 0 <= number < len(manifest["shards"]):
             raise InputError(f"{folder}: no shard {number} (the index has "
                              f"{len(manifest['shards'])})")
         entry = manifest["shards"][number]
-        index = _read_index(store.join(folder, entry["index"]),
-                            entry["sha256"] if verify else None)
+        url = store.join(folder, entry["index"])
+        index = _read_index(url, entry["sha256"] if verify or mmap and not store.is_local(url)
+                            else None, mmap, cache_dir)
         ids = _read_ids(store.join(folder, entry["ids"]), entry["ids_sha256"] if verify else None)
-        if manifest["type"] == "flat" and use_gpu(gpu):
+        if manifest["type"] == "flat" and not mmap and use_gpu(gpu):
             index = to_gpu_if_available(index)
         return cls(index, ids, manifest["type"], shard_name(number),
                    manifest.get("search_params", {}))
@@ -579,9 +576,11 @@ class IndexShard:
         return search_index(self.index, self.ids, queries, k)
 
 
-def load_all(folder: str, gpu: str | bool = "auto", verify: bool = True) -> list[IndexShard]:
+def load_all(folder: str, gpu: str | bool = "auto", verify: bool = True, mmap: bool = False,
+             cache_dir: str | None = None) -> list[IndexShard]:
+    """Every shard of the index at ``folder`` (arguments as :meth:`IndexShard.load`)."""
     manifest = read_manifest(folder)
-    return [IndexShard.load(folder, n, manifest, gpu, verify)
+    return [IndexShard.load(folder, n, manifest, gpu, verify, mmap, cache_dir)
             for n in range(len(manifest["shards"]))]
 
 

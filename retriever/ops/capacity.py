@@ -32,13 +32,13 @@ cost are exposed: ``--mfu`` and, better, a measured ``--docs-per-second``.
   mid-2024. They were NOT re-read for this file (the build machine has no internet access);
   AWS changes prices (it announced cuts of up to ~45% for P4/P5 in June 2025), so check
   ``aws pricing get-products`` or the pricing page and pass ``--gpu-price`` / ``--node-price``.
-* Index bytes per vector (FAISS memory layouts, see the FAISS wiki "Indexes that do not fit in
-  RAM" / "Guidelines to choose an index"):
-  - flat: ``d x bytes(dtype)`` (IndexFlat: fp32 = 4d; IndexScalarQuantizer fp16 = 2d) + 8-byte id
-  - IVF-PQ: ``M`` code bytes (8-bit PQ) + 8-byte id in the inverted list, plus per shard a
-    coarse-centroid table ``nlist x d x 4`` and a PQ codebook ``2^nbits x d x 4``
-  - HNSW: ``d x 4`` (IndexHNSWFlat keeps fp32 vectors) + ``2M x 4`` level-0 links + 8-byte id
-    (upper levels add ~1/M more links; ignored)
+* Index bytes per vector: the plan builds the same :class:`retriever.index.types.IndexSpec`
+  and FAISS factory string the index job builds (IVF-PQ with its SQ8 re-rank codes by default,
+  sq8 with its fp16 rescoring store, binary sign bits with their SQ8 store, HNSW links, the
+  IVF lists' int64 ids) and sizes it with :func:`retriever.index.types.footprint`, the
+  arithmetic of FAISS' serialisation that every index manifest checks against the files it
+  wrote (``bytes_per_vector``: measured next to planned). The index is float32 whatever the
+  embeddings' storage dtype. The doc-id maps (parquet beside each shard) are not counted.
 * Memory fraction 0.6: Ray reserves up to 30% of a node's RAM for its object store by
   default, and ~10% is left for the OS, the Python heap and query batches.
 * nlist default ``4 x sqrt(N)`` rounded up to a power of two (FAISS guideline: between
@@ -49,8 +49,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from retriever.index import types as index_types
 
 GB = 1e9
 TB = 1e12
@@ -172,8 +175,7 @@ GPUS: dict[str, GpuSpec] = {
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2,
                                "int8": 1, "binary": 0}  # binary handled as d/8 below
-INDEX_TYPES = ("flat", "ivfpq", "hnsw")
-ID_BYTES = 8  # FAISS idx_t (int64) per vector
+INDEX_TYPES = index_types.TYPES
 DEFAULT_MFU = 0.35
 DEFAULT_MEMORY_FRACTION = 0.6
 DEFAULT_AVG_TOKENS = 256  # a passage truncated at 512 tokens averages well below it
@@ -203,11 +205,17 @@ class PlanConfig:
     dtype: str = field(default="fp16", metadata=_help(
         "embedding storage dtype", choices=sorted(DTYPE_BYTES)))
     index: str = field(default="ivfpq", metadata=_help("index type", choices=INDEX_TYPES))
-    pq_m: int = field(default=64, metadata=_help(
-        "IVF-PQ bytes per code; must divide dims"))
-    pq_nbits: int = field(default=8, metadata=_help("IVF-PQ bits per code"))
+    pq_m: int | None = field(default=None, metadata=_help(
+        "IVF-PQ sub-quantisers; must divide dims (default: the index job's, ~dims/8)"))
+    pq_nbits: int | None = field(default=None, metadata=_help(
+        "IVF-PQ bits per code (default: the index job's, 8 with a large enough sample)"))
     nlist: int | None = field(default=None, metadata=_help(
-        "IVF lists (default next_pow2(4 sqrt N))"))
+        "IVF lists (default next_pow2(4 sqrt N), at most train_sample / 39)"))
+    refine: str = field(default="default", metadata=_help(
+        "rescoring codes of ivfpq / sq8 / binary (default: the type's own, as the index job)",
+        choices=list(index_types.REFINE_CHOICES)))
+    train_sample: float | str | None = field(default=None, metadata=_help(
+        "IVF training sample (default: 39 x nlist, enough for the default nlist)"))
     nprobe: int = field(default=64, metadata=_help("IVF lists searched per query"))
     hnsw_m: int = field(default=32, metadata=_help("HNSW neighbours per node"))
     node_type: str = field(default="r7i.16xlarge", metadata=_help(
@@ -235,6 +243,8 @@ class PlanConfig:
         """Counts given as text to numbers, names to lower case, model ``none`` to None."""
         self.docs = _count("docs", self.docs)
         self.params = None if self.params is None else _count("params", self.params)
+        self.train_sample = (None if self.train_sample is None
+                             else _count("train_sample", self.train_sample))
         model = None if self.model is None else str(self.model).lower()
         self.model = None if model in (None, "none", "custom", "") else model
         self.gpu = str(self.gpu).lower()
@@ -263,10 +273,19 @@ class PlanConfig:
             raise ValueError("memory_fraction must be in (0, 1]")
         if not 0 < self.mfu <= 1:
             raise ValueError("mfu must be in (0, 1]")
-        if self.index == "ivfpq" and self.dimensions % self.pq_m:
+        if self.index == "ivfpq" and self.pq_m and self.dimensions % self.pq_m:
             raise ValueError(f"pq_m={self.pq_m} must divide dims={self.dimensions}")
         if self.replicas < 1 or self.encode_gpus < 1:
             raise ValueError("replicas and encode_gpus must be >= 1")
+
+    def index_spec(self) -> index_types.IndexSpec:
+        """The index job's spec for these settings (``retriever index`` builds the same)."""
+        try:
+            return index_types.IndexSpec(type=self.index, nlist=self.nlist, pq_m=self.pq_m,
+                                         pq_nbits=self.pq_nbits, refine=self.refine,
+                                         hnsw_m=self.hnsw_m)
+        except Exception as err:  # InputError: the same message the index job gives
+            raise ValueError(str(err)) from None
 
     @property
     def model_spec(self) -> BackboneSize | None:
@@ -354,8 +373,27 @@ def parse_count(text: str | float | int) -> float:
     return float(s)
 
 
-def _pow2_at_least(x: float) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1.0, x))))
+def throughput_from_manifest(manifest: dict, url: str) -> tuple[float, str]:
+    """Docs/s per encode worker measured by ``retriever encode``, from its manifest's
+    ``encode.last_run`` (docs, seconds, start-up included; ``resources``: "N actor(s) x
+    (G GPU, ...)" or "(C CPU, ...)"): per GPU when the actors held GPUs, else per actor.
+    Returns (docs/s per worker, a sentence saying where it came from)."""
+    run = (manifest.get("encode") or {}).get("last_run") or {}
+    docs, seconds = run.get("docs") or 0, run.get("seconds") or 0
+    if not docs or not seconds:
+        raise ValueError(f"{url}: the encode manifest records no measured run "
+                         "(encode.last_run.docs / seconds; a run that reused every shard "
+                         "measures nothing): re-run encode, or pass --docs-per-second")
+    match = re.match(r"(\d+) actor\(s\) x \(([\d.]+) (GPU|CPU)", str(run.get("resources")))
+    if match is None:
+        raise ValueError(f"{url}: cannot read the encode workers from "
+                         f"encode.last_run.resources {run.get('resources')!r}")
+    actors, share, kind = int(match.group(1)), float(match.group(2)), match.group(3)
+    workers = actors * share if kind == "GPU" else actors
+    per_worker = docs / seconds / workers
+    unit = "GPU" if kind == "GPU" else "CPU actor"
+    return per_worker, (f"encode throughput from {url}: {docs} docs in {seconds:g} s on "
+                        f"{run['resources']} = {num(per_worker)} docs/s per {unit}")
 
 
 def plan(cfg: PlanConfig) -> Plan:
@@ -455,28 +493,28 @@ def _plan_embeddings(p: Plan, cfg: PlanConfig) -> float:
 
 
 def _plan_index(p: Plan, cfg: PlanConfig, bpd: float) -> tuple[float, float]:
-    """Index bytes per vector and the fixed bytes every shard holds (trained structures);
-    returns both."""
+    """Index bytes per vector and the fixed bytes every shard holds (trained structures), from
+    the factory string the index job builds for the same settings; returns both."""
     N, d = float(cfg.docs), cfg.dimensions
-    if cfg.index == "flat":
-        per_vec = p.add("index_bytes_per_vector", d * bpd + ID_BYTES, "B",
-                        "dims x bytes_per_dim + id_bytes", f"{d} x {num(bpd)} + {ID_BYTES}")
-        fixed = p.add("index_fixed_bytes_per_shard", 0.0, "B", "0 (no trained structures)", "0")
-    elif cfg.index == "ivfpq":
-        nlist = cfg.nlist or _pow2_at_least(4 * math.sqrt(N))
+    spec = cfg.index_spec()
+    nlist = cfg.nlist or spec.default_nlist(N, int(cfg.train_sample or N))
+    if cfg.index == "ivfpq":
         p.add("nlist", nlist, "", "given" if cfg.nlist else "next_pow2(4 x sqrt(docs))",
               str(nlist) if cfg.nlist else f"next_pow2(4 x sqrt({num(N)}))")
-        code = cfg.pq_m * cfg.pq_nbits / 8
-        per_vec = p.add("index_bytes_per_vector", code + ID_BYTES, "B",
-                        "pq_m x nbits / 8 + id_bytes", f"{cfg.pq_m} x {cfg.pq_nbits} / 8 + {ID_BYTES}")
-        fixed = p.add("index_fixed_bytes_per_shard", nlist * d * 4 + 2**cfg.pq_nbits * d * 4, "B",
-                      "nlist x dims x 4 (coarse centroids) + 2^nbits x dims x 4 (PQ codebooks)",
-                      f"{nlist} x {d} x 4 + {2**cfg.pq_nbits} x {d} x 4")
-    else:
-        per_vec = p.add("index_bytes_per_vector", d * 4 + cfg.hnsw_m * 2 * 4 + ID_BYTES, "B",
-                        "dims x 4 + M x 2 x 4 (level-0 links) + id_bytes",
-                        f"{d} x 4 + {cfg.hnsw_m} x 2 x 4 + {ID_BYTES}")
-        fixed = p.add("index_fixed_bytes_per_shard", 0.0, "B", "0", "0")
+    train_rows = int(cfg.train_sample or nlist * index_types.MIN_POINTS_PER_CENTROID)
+    try:
+        factory = spec.factory_string(d, int(N), train_rows)
+        size = index_types.footprint(factory, d)
+    except Exception as err:  # InputError: the index job's own message
+        raise ValueError(str(err)) from None
+    p.assumptions.append(f"index: FAISS {factory!r} (what `retriever index --type {cfg.index}` "
+                         f"builds; IVF trained on {num(train_rows)} vectors), float32 vectors")
+    terms = " + ".join(size.terms)
+    per_vec = p.add("index_bytes_per_vector", size.per_vector, "B",
+                    f"bytes per vector of {factory} (retriever.index.types.footprint)", terms)
+    fixed = p.add("index_fixed_bytes_per_shard", size.fixed, "B",
+                  "trained structures per shard (coarse centroids + list sizes, PQ codebooks, "
+                  "SQ ranges)", f"{num(size.fixed)}")
     p.add("index_vector_bytes", N * per_vec, "B", "docs x index_bytes_per_vector",
           f"{num(N)} x {num(per_vec)}")
     return per_vec, fixed
@@ -512,7 +550,7 @@ def _plan_shards(p: Plan, cfg: PlanConfig, per_vec: float, fixed: float) -> floa
 
 def _plan_search(p: Plan, cfg: PlanConfig, shards: float, bpd: float) -> None:
     """Per-query fan-out and scan work, search nodes and their cost; the plan's assumptions."""
-    N, d = float(cfg.docs), cfg.dimensions
+    N = float(cfg.docs)
     node = NODE_TYPES.get(cfg.node_type)
     price = cfg.node_price if cfg.node_price is not None else node.price_per_hour  # type: ignore[union-attr]
     p.add("search_fanout", shards, "shards/query", "shards (every query visits every shard)",
@@ -523,9 +561,10 @@ def _plan_search(p: Plan, cfg: PlanConfig, shards: float, bpd: float) -> None:
               "ceil(docs / shards) x nprobe / nlist",
               f"ceil({num(N)} / {num(shards)}) x {cfg.nprobe} / {num(nlist)}")
     elif cfg.index == "flat":
-        p.add("bytes_scanned_per_shard_per_query", math.ceil(N / shards) * d * bpd, "B",
-              "ceil(docs / shards) x dims x bytes_per_dim (brute force)",
-              f"ceil({num(N)} / {num(shards)}) x {d} x {num(bpd)}")
+        per_vec = p["index_bytes_per_vector"]
+        p.add("bytes_scanned_per_shard_per_query", math.ceil(N / shards) * per_vec, "B",
+              "ceil(docs / shards) x index_bytes_per_vector (brute force)",
+              f"ceil({num(N)} / {num(shards)}) x {num(per_vec)}")
     nodes = p.add("search_nodes", shards * cfg.replicas, "", "shards x replicas",
                   f"{num(shards)} x {cfg.replicas}")
     p.add("search_cost_usd_per_hour", nodes * price, "USD/h", "search_nodes x node_price_per_hour",

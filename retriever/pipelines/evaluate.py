@@ -33,7 +33,7 @@ class MatrixConfig:
     matrix_id: str = field(default="default", metadata={"help": "names the output folder"})
     baseline: str = field(default="bm25", metadata={"help": "model the t-test compares against"})
     out: str | None = field(default=None, metadata={"help": "output URL"})
-    index_type: str = field(default="flat", metadata={"help": "flat | ivfpq | hnsw"})
+    index_type: str = field(default="flat", metadata={"help": "flat | ivfpq | hnsw | sq8 | binary"})
     shards: int = field(default=1, metadata={"help": "index shards per run"})
     top_k: int = 1000
     embedding_dtype: str = field(default="float32", metadata={"help": "stored vector type"})
@@ -43,6 +43,9 @@ class MatrixConfig:
     allow_asymmetric_encoder: bool = field(default=False, metadata={
         "help": "search an index with a query encoder unlike the index's encoder (weights, "
                 "pooling, prefixes, ...) instead of refusing it"})
+    mmap: bool = field(default=False, metadata={
+        "help": "search memory-mapped shards (remote ones from a local cache copy) instead of "
+                "reading them into memory; the results are the same"})
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Cell:
 
 
 def _search_task(index_folder: str, model: str, options: dict, queries: list[str], k: int,
-                 allow_asymmetric: bool = False):
+                 allow_asymmetric: bool = False, mmap: bool = False):
     """The queries' top-k from the index, embedded by a query encoder that must match the
     index's recorded encoder (``retriever.modeling.parity``) unless ``allow_asymmetric``."""
     from retriever.index import shards as sh
@@ -70,18 +73,18 @@ def _search_task(index_folder: str, model: str, options: dict, queries: list[str
     check_encoder_matches(index_settings(sh.read_manifest(index_folder)), encoder.settings(),
                           allow_asymmetric=allow_asymmetric, index_name=f"index {index_folder}")
     vectors = encoder.encode_queries(queries)
-    return sh.search_all(sh.load_all(index_folder), vectors, k)
+    return sh.search_all(sh.load_all(index_folder, mmap=mmap), vectors, k)
 
 
 def _hybrid_task(index_folder: str, model: str, options: dict, queries: list[str], k: int,
-                 fusion, allow_asymmetric: bool = False):
+                 fusion, allow_asymmetric: bool = False, mmap: bool = False):
     """The fused top-k: the dense and the BM25 shards' rankings, each merged to the global
     top-``depth(k)``, then fused (as the Serve app's hybrid search)."""
     from retriever.index import sparse
     from retriever.index.fusion import depth, fuse_all
 
     fetch = depth(k)
-    dense = _search_task(index_folder, model, options, queries, fetch, allow_asymmetric)
+    dense = _search_task(index_folder, model, options, queries, fetch, allow_asymmetric, mmap)
     bm25 = sparse.search_all(sparse.load_all(index_folder), queries, fetch)
     return fuse_all(dense, bm25, k, fusion)
 
@@ -143,7 +146,8 @@ def dense_run(config: MatrixConfig, cell: Cell, queries: dict, root: str
     task = ray.remote(num_cpus=0.5)(_search_task if model.fusion is None else _hybrid_task)
     extra = () if model.fusion is None else (model.fusion,)
     hits = ray.get(task.remote(index_folder, dense_model, options, list(queries.values()),
-                               config.top_k, *extra, config.allow_asymmetric_encoder))
+                               config.top_k, *extra, config.allow_asymmetric_encoder,
+                               config.mmap))
     return (dict(zip(queries, hits)), throughput,
             {"embeddings": emb_folder, "index": index_folder})
 
