@@ -146,6 +146,49 @@ def raw_lines(url: str) -> Iterator[tuple[int, bytes]]:
         raise DataFormatError(url, "file is empty")
 
 
+class RangeLines:
+    """The non-blank lines of an uncompressed text file that START in bytes ``[start, end)``.
+
+    Iterating yields (1-based line number counted from the range start, raw bytes without the
+    line end): a line's absolute number is its number here plus the newlines before ``start``.
+    After iteration, ``newlines`` holds the ``\\n`` bytes inside ``[start, end)``, so the
+    ranges of a file can be read in parallel and their offsets summed afterwards. A line
+    that starts before ``start`` belongs to the previous range and is skipped; the last line
+    may run past ``end``. ``end=None`` reads to the end of the file.
+    """
+
+    def __init__(self, url: str, start: int = 0, end: int | None = None):
+        self.url, self.start, self.end, self.newlines = url, start, end, 0
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        end = float("inf") if self.end is None else self.end
+        self.newlines = 0
+        try:
+            handle = store.open_read(self.url, "rb", compression=None)
+        except FileNotFoundError as err:
+            raise DataFormatError(self.url, "file not found") from err
+        with handle:
+            position = self.start
+            if self.start > 0:
+                handle.seek(self.start - 1)
+                if handle.read(1) != b"\n":  # mid-line: that line is the previous range's
+                    rest = handle.readline()
+                    position += len(rest)
+                    self.newlines += rest.endswith(b"\n") and position - 1 < end
+            number = self.newlines + 1
+            while position < end:
+                raw = handle.readline()
+                if not raw:
+                    return
+                position += len(raw)
+                if raw.endswith(b"\n"):
+                    self.newlines += position - 1 < end
+                line = raw.rstrip(b"\r\n")
+                if line.strip():
+                    yield number, line
+                number += 1
+
+
 def decode_line(url: str, number: int, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")

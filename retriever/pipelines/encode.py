@@ -2,7 +2,8 @@
 
 A shard of :mod:`retriever.io.corpus` is the unit of work, of retry and of output::
 
-    read (one streaming task) -> TokenizeShards (actor: Encoder.tokenize, no weights)
+    plan (retriever.io.corpus: scan + duplicate-id passes, Ray tasks spread over the nodes)
+      -> read (one task per file piece) -> TokenizeShards (actor: Encoder.tokenize, no weights)
       -> EncodeShards (actor pool holding the model: length-sorted, token-budget batches)
       -> write_shards (tasks: part-NNNNN.parquet, then its record part-NNNNN.json)
 
@@ -40,7 +41,8 @@ import pyarrow as pa
 from retriever import provenance
 from retriever.config import flat
 from retriever.io import embeddings, store
-from retriever.io.corpus import SHARD_SCHEMA, CorpusSource, read_corpus
+from retriever.io.corpus import (READ_BYTES, SHARD_SCHEMA, CorpusPlan, CorpusSource,
+                                 plan_corpus, ray_map, read_corpus)
 from retriever.modeling.encoder import (Encoder, EncoderConfig, WeightlessEncoder,
                                         token_budget_batches)
 from retriever.ops import autoscale, local_ray
@@ -49,6 +51,7 @@ from retriever.errors import InputError
 AUX_CPUS = 0.1  # read, tokenize and each write task
 AUX_RESERVE = 0.5  # CPU left to those stages when sizing the encoder actors
 RECORD_RE = re.compile(r"^part-(\d{5,})\.json$")
+SCRATCH = "_scan"  # the corpus plan's id lists, inside the output folder while it runs
 
 TOKENS_SCHEMA = pa.schema([f for f in SHARD_SCHEMA if f.name != "texts"] +
                           [pa.field("input_ids", pa.list_(pa.list_(pa.int32())))])
@@ -77,6 +80,9 @@ class EncodeOptions:
     on_bad_input: str = field(default="error", metadata={
         "help": "error: stop naming file and line; skip: drop and count",
         "choices": ["error", "skip"]})
+    read_bytes: int = field(default=READ_BYTES, metadata={
+        "help": "bytes of an uncompressed JSONL file one read task reads (part of the shard "
+                "plan: shards never cross a range)"})
     max_shards: int = field(default=0, metadata={
         "help": "encode at most this many shards, then stop (0: all; the run stays incomplete)"})
     actors: int = field(default=0, metadata={"help": "encoder actors (0: per GPU or CPU)"})
@@ -93,7 +99,7 @@ class EncodeOptions:
         if self.embedding_dtype not in embeddings.DTYPES:
             raise ValueError(f"embedding_dtype {self.embedding_dtype!r}: expected one of "
                              f"{', '.join(embeddings.DTYPES)}")
-        for name in ("docs_per_shard", "tokenizer_actors"):
+        for name in ("docs_per_shard", "tokenizer_actors", "read_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_shards", "actors", "cpus_per_actor", "threads_per_actor"):
@@ -110,7 +116,8 @@ def shard_key(settings: dict, options: EncodeOptions) -> str:
     data = {k: v for k, v in settings.items() if k != "dtype"}
     data.update(requested_dtype=options.encoder.dtype, requested_device=options.encoder.device,
                 embedding_dtype=options.embedding_dtype, docs_per_shard=options.docs_per_shard,
-                on_bad_input=options.on_bad_input, format=embeddings.FORMAT)
+                on_bad_input=options.on_bad_input, format=embeddings.FORMAT,
+                read_bytes=options.read_bytes)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -260,7 +267,7 @@ def write_shards(batch: pa.Table, folder: str, embedding_dtype: str, key: str) -
                   "skipped": json.loads(row["skipped"]), "tokens": row["tokens"],
                   "padded_tokens": row["padded_tokens"], "seconds": row["seconds"],
                   "gpu_util": row["gpu_util"], "gpu_memory_gb": row["gpu_memory_gb"],
-                  "encoder": json.loads(row["settings"]),
+                  "encoder": json.loads(row["settings"]), "read_node": row["read_node"],
                   "created": provenance.now()}
         store.write_json(store.join(folder, record_name(row["shard"])), record)
         rows.append({"shard": row["shard"], "status": "encoded", "last": row["last"],
@@ -291,11 +298,25 @@ def finished_shards(folder: str, key: str, verify: bool = False) -> dict[int, di
         if verify and embeddings.sha256_of(store.join(folder, record["file"])) != \
                 record.get("sha256"):
             return None
-        return record
+        return compact(record)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         records = [r for r in pool.map(check, names) if r]
     return {int(r["shard"]): r for r in records}
+
+
+PART_KEYS = ("file", "rows", "sha256", "bytes")
+
+
+def compact(record: dict) -> dict:
+    """What the run's tally and the manifest need of a shard record (the whole record stays
+    in its part-NNNNN.json): the driver holds one of these per shard, not the records."""
+    out = {k: record[k] for k in PART_KEYS + ("shard", "input_sha256", "input_rows", "tokens",
+                                              "padded_tokens", "skipped")}
+    out.update(gpu_util=record.get("gpu_util"), gpu_memory_gb=record.get("gpu_memory_gb"),
+               read_node=record.get("read_node", ""),
+               encoder=sys.intern(json.dumps(record["encoder"], sort_keys=True)))
+    return out
 
 
 def remove(folder: str, names: list[str]) -> None:
@@ -318,7 +339,7 @@ def stale_parts(folder: str, last: int) -> list[str]:
 
 # ---------------------------------------------------------------------------- pipeline
 
-def build_pipeline(source: CorpusSource, folder: str, options: EncodeOptions,
+def build_pipeline(plan: CorpusPlan, folder: str, options: EncodeOptions,
                    resources: Resources, key: str, done: dict[int, dict]):
     """The Ray Dataset of the whole job; it yields one :data:`SUMMARY_SCHEMA` row a shard."""
     from ray.data import DataContext
@@ -331,16 +352,15 @@ def build_pipeline(source: CorpusSource, folder: str, options: EncodeOptions,
     saved = context.target_max_block_size
     context.target_max_block_size = 1
     try:
-        return _build(source, folder, options, resources, key, done)
+        return _build(plan, folder, options, resources, key, done)
     finally:
         context.target_max_block_size = saved
 
 
-def _build(source, folder, options, resources, key, done):
+def _build(plan, folder, options, resources, key, done):
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    ds = read_corpus(source, options.docs_per_shard, options.on_bad_input,
-                     {k: r["input_sha256"] for k, r in done.items()},
+    ds = read_corpus(plan, {k: r["input_sha256"] for k, r in done.items()},
                      options.max_shards or None, num_cpus=AUX_CPUS)
     # Fixed-size pools: the autoscaler would drop a loaded model whenever the pool is briefly
     # under half busy (e.g. while the tokenizer starts) and pay its load time again later.
@@ -375,19 +395,21 @@ def input_error(err: BaseException) -> InputError | None:
     return None
 
 
-def execute(ds) -> list[dict]:
-    """Run the pipeline to the end; bad input surfaces as its own :class:`InputError`."""
+def execute(ds) -> dict[int, dict | None]:
+    """Run the pipeline to the end: shard -> its :func:`compact` record (None: finished in
+    an earlier run). Bad input surfaces as its own :class:`InputError`."""
     from retriever import console
 
-    rows: list[dict] = []
+    seen: dict[int, dict | None] = {}
     progress, docs = console.Progress("encode", unit="shards"), 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows.extend(batch.to_pylist())
-            docs += sum(json.loads(r["record"])["rows"] for r in rows[-batch.num_rows:]
-                        if r["record"])
+            for row in batch.to_pylist():
+                record = compact(json.loads(row["record"])) if row["record"] else None
+                seen[int(row["shard"])] = record
+                docs += record["rows"] if record else 0
             rate = docs / max(time.time() - progress.started, 1e-9)
-            progress.update(len(rows), f"encode: {len(rows)} shards, {docs} docs encoded "
+            progress.update(len(seen), f"encode: {len(seen)} shards, {docs} docs encoded "
                                        f"({rate:.1f} docs/s)")
     except Exception as err:  # noqa: BLE001 -- re-raised unless it hides bad input
         found = input_error(err)
@@ -396,7 +418,7 @@ def execute(ds) -> list[dict]:
         raise InputError(str(found)) from None
     finally:
         progress.close()
-    return rows
+    return seen
 
 
 # ---------------------------------------------------------------------------- result
@@ -447,61 +469,71 @@ class EncodeResult:
                 f"done | bad rows skipped: {bad} | {self.resources} | {state}")
 
 
-def finish(folder: str, source: CorpusSource, rows: list[dict], done: dict[int, dict],
-           key: str, options: EncodeOptions, seconds: float, resources: Resources) -> EncodeResult:
+def finish(folder: str, source: CorpusSource, plan: CorpusPlan, seen: dict[int, dict | None],
+           done: dict[int, dict], key: str, options: EncodeOptions, seconds: float,
+           resources: Resources) -> EncodeResult:
     """Tally the run; when every shard of the plan is finished, write the manifest (last)."""
-    encoded = {int(r["shard"]): json.loads(r["record"]) for r in rows if r["status"] == "encoded"}
-    records = {**done, **encoded}
-    seen = {int(r["shard"]) for r in rows}
-    last = next((int(r["shard"]) for r in rows if r["last"]), None)
-    complete = last is not None and seen == set(range(last + 1))
+    encoded = {k: r for k, r in seen.items() if r is not None}
+    complete = len(seen) == plan.shards
     new = list(encoded.values())
     utils = [r["gpu_util"] for r in new if r.get("gpu_util") is not None]
     peaks = [r["gpu_memory_gb"] for r in new if r.get("gpu_memory_gb") is not None]
     result = EncodeResult(
-        folder=folder, shards_encoded=len(encoded), shards_reused=len(seen - set(encoded)),
+        folder=folder, shards_encoded=len(encoded), shards_reused=len(seen) - len(encoded),
         docs=sum(r["rows"] for r in new), seconds=seconds, tokens=sum(r["tokens"] for r in new),
         padded_tokens=sum(r["padded_tokens"] for r in new), complete=complete,
-        shards_total=last + 1 if complete else None, rows_total=None, skipped={},
+        shards_total=plan.shards if complete else None, rows_total=None, skipped={},
         gpu_util=sum(utils) / len(utils) if utils else None, resources=resources.describe(),
         gpu_memory_gb=max(peaks) if peaks else None)
     if not complete:
         for r in new:
             _add_counts(result.skipped, r["skipped"]["counts"])
         return result
-    plan = [records[k] for k in range(last + 1)]
+    result.stale_removed = stale_parts(folder, plan.shards - 1)
+    remove(folder, result.stale_removed)
+    records = {**done, **encoded}
+    result.manifest = _write_manifest(folder, source, plan, [records[k] for k in
+                                                             range(plan.shards)],
+                                      key, options, result)
+    result.rows_total = result.manifest["rows"]
+    result.shards_total = plan.shards
+    result.skipped = result.manifest["skipped"]
+    return result
+
+
+def _write_manifest(folder: str, source: CorpusSource, plan: CorpusPlan, records: list[dict],
+                    key: str, options: EncodeOptions, result: EncodeResult) -> dict:
+    """The manifest of a complete folder from the shards' compact records, in plan order."""
     skipped: dict[str, int] = {}
     examples: list[str] = []
-    for r in plan:
+    fingerprint = hashlib.sha256()
+    for r in records:
         _add_counts(skipped, r["skipped"]["counts"])
         examples += r["skipped"]["examples"][: max(0, 20 - len(examples))]
-    settings = [r["encoder"] for r in plan]
-    variants = [dict(s) for s in {json.dumps(s, sort_keys=True): s for s in settings}.values()]
-    result.stale_removed = stale_parts(folder, last)
-    remove(folder, result.stale_removed)
-    tokens = sum(r["tokens"] for r in plan)
-    padded = sum(r["padded_tokens"] for r in plan)
-    result.manifest = embeddings.write_manifest(
-        folder, encoder=settings[0], dtype=options.embedding_dtype,
-        parts=[{k: r[k] for k in ("file", "rows", "sha256", "bytes")} for r in plan],
+        fingerprint.update(r["input_sha256"].encode())
+    variants = [json.loads(v) for v in dict.fromkeys(r["encoder"] for r in records)]
+    tokens = sum(r["tokens"] for r in records)
+    padded = sum(r["padded_tokens"] for r in records)
+    return embeddings.write_manifest(
+        folder, encoder=variants[0], dtype=options.embedding_dtype,
+        parts=[{k: r[k] for k in PART_KEYS} for r in records],
         source={"url": source.url, "files": source.files,
-                "input_rows": sum(r["input_rows"] for r in plan),
-                "fingerprint": hashlib.sha256("".join(r["input_sha256"] for r in plan)
-                                              .encode()).hexdigest()},
+                "input_rows": sum(r["input_rows"] for r in records),
+                "fingerprint": fingerprint.hexdigest()},
         skipped=skipped, skipped_examples=examples,
         encode={"settings_key": key, "docs_per_shard": options.docs_per_shard,
-                "on_bad_input": options.on_bad_input, "shards": len(plan), "tokens": tokens,
+                "on_bad_input": options.on_bad_input, "shards": len(records), "tokens": tokens,
                 "padded_tokens": padded,
                 "padding_fraction": round(1 - tokens / padded, 6) if padded else 0.0,
                 "encoder_variants": variants if len(variants) > 1 else [],
-                "last_run": {"seconds": round(seconds, 3), "shards_encoded": len(encoded),
+                "read": {"read_bytes": options.read_bytes, "pieces": len(plan.pieces),
+                         "duplicate_ids": plan.duplicate_count, "scan_nodes": plan.nodes,
+                         "read_nodes": sorted({r["read_node"] for r in records})},
+                "last_run": {"seconds": round(result.seconds, 3),
+                             "shards_encoded": result.shards_encoded,
                              "shards_reused": result.shards_reused, "docs": result.docs,
                              "docs_per_s": round(result.docs_per_s, 3),
                              "resources": result.resources}})
-    result.rows_total = result.manifest["rows"]
-    result.shards_total = len(plan)
-    result.skipped = skipped
-    return result
 
 
 def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
@@ -543,6 +575,14 @@ def encode_corpus(corpus: str, options: EncodeOptions, out: str | None = None) -
     done = finished_shards(out, key, verify=options.verify_existing)
     remove(out, ["manifest.json"])  # the folder is incomplete until we finish
     started = time.perf_counter()
-    rows = execute(build_pipeline(source, out, options, resources, key, done))
-    return finish(out, source, rows, done, key, options, time.perf_counter() - started,
+    scratch = store.join(out, SCRATCH)
+    try:
+        plan = plan_corpus(source.files, options.docs_per_shard, options.on_bad_input,
+                           options.read_bytes, scratch, ray_map)
+        seen = execute(build_pipeline(plan, out, options, resources, key, done))
+    finally:
+        fs, path = store.filesystem(scratch)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    return finish(out, source, plan, seen, done, key, options, time.perf_counter() - started,
                   resources)

@@ -1,0 +1,372 @@
+"""Scale benchmark (issue 11): how the encode and index jobs grow with the corpus. Not a test.
+
+Prints one table:
+
+* **encode**: the Ray Data job on a local 2-node cluster (``retriever.ops.cluster``, the same
+  as ``retriever cluster up --local``: a head and one worker, one CPU each) over synthetic
+  corpora (``retriever.io.synthetic``: SciFact's lengths, Zipfian words) of two sizes 10x
+  apart (default 1e5 and 1e6 docs; ``--quick``: 1e4 and 1e5), with a tiny randomly
+  initialised BERT and 32 tokens (this measures mechanics, not a model). Per size: docs/s (the
+  job's own clock: plan, read, tokenize, encode, write) and the peak RSS of each kind of
+  process: the job's driver, and the cluster's Ray workers by what they run (their process
+  title ``ray::<task or actor>``, sampled with psutil every 0.2 s): ``plan`` (scan and
+  duplicate-id tasks), ``read``, ``tokenize``, ``encode``, ``write``. Then ``docs/s ratio (10x
+  docs)`` and ``peak RSS growth (10x docs)``: the largest ratio over the process kinds.
+* **index** (``--vectors``, default 1e7; ``--quick``: 1e6; 0 skips): clustered vectors
+  (d=128, ``synthetic.clustered_vectors``) written as an embeddings folder, built by the index
+  job into 8 IVF-PQ shards: build time, peak RSS of the build tasks, bytes per vector on disk
+  next to the planner's figure (``planner error``), recall@10 against exact search on 1,000
+  held-out queries.
+
+Everything generated goes under ``--work`` (default: a temporary folder, removed at the end
+unless ``--keep``). The machine may be shared: every figure says so, and only the ratios
+between sizes measured in the same run are meant to be compared.
+
+    python benchmarks/scale.py --quick
+    python benchmarks/scale.py --docs 1e5 1e6 --vectors 1e7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KINDS = {  # process kind -> what its Ray worker's title contains
+    "plan": ("scan_piece", "find_duplicates"),
+    "read": ("ReadCorpusShards",),
+    "tokenize": ("TokenizeShards",),
+    "encode": ("EncodeShards",),
+    "write": ("write_shards",),
+    "build": ("build_shard", "_build_shard", "IndexShard", "shard_task"),
+}
+
+
+class RssSampler:
+    """Peak RSS (bytes) per process kind, sampled every ``period`` s: ``driver`` is the pid
+    given; the rest are the cluster's processes, classified by their title."""
+
+    def __init__(self, cluster, driver_pid: int | None = None, period: float = 0.2):
+        self.cluster, self.driver_pid, self.period = cluster, driver_pid, period
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _note(self, kind: str, rss: int) -> None:
+        self.peaks[kind] = max(self.peaks.get(kind, 0), rss)
+
+    def _run(self) -> None:
+        import psutil
+
+        from retriever.ops import cluster as lc
+
+        while not self._stop.wait(self.period):
+            if self.driver_pid:
+                try:
+                    self._note("driver", psutil.Process(self.driver_pid).memory_info().rss)
+                except psutil.Error:
+                    pass
+            for pid in lc._stragglers(self.cluster.temp_dir, self.cluster.ports.get("gcs")):
+                try:
+                    proc = psutil.Process(pid)
+                    title = " ".join(proc.cmdline())
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                for kind, marks in KINDS.items():
+                    if title.startswith("ray::") and any(m in title for m in marks):
+                        self._note(kind, rss)
+
+
+def _env(cluster) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": cluster.auth,
+                "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)})
+    return env
+
+
+def run_job(cluster, args: list[str], log: Path) -> tuple[int, dict[str, int], float]:
+    """``python -m jobs.<...>`` against the cluster: exit code, peak RSS by kind, seconds."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=_env(cluster), cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
+        with RssSampler(cluster, proc.pid) as sampler:
+            rc = proc.wait()
+    if rc != 0:
+        print(log.read_text()[-3000:], file=sys.stderr)
+    return rc, sampler.peaks, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------- encode
+
+def encode_size(cluster, work: Path, model: str, docs: int, seed: int) -> dict:
+    from retriever.io import embeddings, synthetic
+
+    corpus = work / f"corpus-{docs}"
+    if not (corpus / "done").exists():
+        started = time.perf_counter()
+        synthetic.write_corpus(str(corpus), docs, files=8, seed=seed)
+        (corpus / "done").write_text("")
+        print(f"  generated {docs:,} docs in {time.perf_counter() - started:.0f}s", flush=True)
+    out = work / f"emb-{docs}"
+    shutil.rmtree(out, ignore_errors=True)
+    rc, peaks, _ = run_job(cluster, ["jobs.encode", "--corpus", str(corpus), "--out", str(out),
+                                     "--model", model, "--passage-max-length", "32",
+                                     "--docs-per-shard", "1000", "--read-bytes",
+                                     str(16 * 2**20)], work / f"encode-{docs}.log")
+    if rc != 0:
+        raise SystemExit(f"encode of {docs} docs failed (log: {work}/encode-{docs}.log)")
+    manifest = embeddings.read_manifest(str(out))
+    assert manifest["rows"] == docs, manifest["rows"]
+    run = manifest["encode"]["last_run"]
+    return {"docs": docs, "docs_per_s": run["docs_per_s"], "seconds": run["seconds"],
+            "peaks": peaks, "pieces": manifest["encode"]["read"]["pieces"],
+            "nodes": len(manifest["encode"]["read"]["read_nodes"])}
+
+
+def encode_table(rows: list[dict]) -> list[str]:
+    kinds = ["driver", "plan", "read", "tokenize", "encode", "write"]
+    mib = lambda b: f"{b / 2**20:,.0f}" if b else "-"  # noqa: E731
+    lines = ["encode (local 2-node cluster, 1 CPU a node; tiny BERT, 32 tokens; machine "
+             "shared and busy)",
+             f"  {'docs':>10} {'docs/s':>8} {'pieces':>6} {'nodes':>5} " +
+             " ".join(f"{k + ' MiB':>12}" for k in kinds)]
+    for r in rows:
+        lines.append(f"  {r['docs']:>10,} {r['docs_per_s']:>8.1f} {r['pieces']:>6} "
+                     f"{r['nodes']:>5} " + " ".join(f"{mib(r['peaks'].get(k)):>12}"
+                                                     for k in kinds))
+    if len(rows) == 2:
+        small, big = rows
+        growth = {k: big["peaks"][k] / small["peaks"][k] for k in kinds
+                  if small["peaks"].get(k) and big["peaks"].get(k)}
+        worst = max(growth, key=growth.get)
+        lines.append(f"  docs/s ratio ({big['docs'] // small['docs']}x docs): "
+                     f"{big['docs_per_s'] / small['docs_per_s']:.2f}")
+        lines.append(f"  peak RSS growth ({big['docs'] // small['docs']}x docs): "
+                     f"{growth[worst]:.2f} ({worst}; " +
+                     ", ".join(f"{k} {v:.2f}" for k, v in growth.items()) + ")")
+    return lines
+
+
+# ---------------------------------------------------------------------------- index
+
+def write_vectors(folder: Path, n: int, dim: int, seed: int, rows_per_part: int = 500_000):
+    """``n`` clustered vectors as an embeddings folder (float16 parts + manifest)."""
+    from retriever.io import embeddings, synthetic
+
+    parts = []
+    chunks = synthetic.clustered_vector_chunks(n, dim, seed=seed, chunk=rows_per_part)
+    for i, chunk in enumerate(chunks):
+        start = i * rows_per_part
+        ids = [f"v{start + j}" for j in range(len(chunk))]
+        parts.append(embeddings.write_part(str(folder), i, ids, chunk, "float16"))
+    # Served with {"vector": ...} queries; the app still builds a query encoder, so the
+    # manifest names a real one (MiniLM; dims differ: served as an asymmetric encoder).
+    encoder = {"model": "minilm", "pooling": "mean", "normalize": True, "dim": dim}
+    embeddings.write_manifest(str(folder), encoder=encoder, dtype="float16", parts=parts,
+                              source={"url": "synthetic", "fingerprint": f"{n}-{dim}-{seed}"})
+
+
+def exact_top10(folder: Path, queries: np.ndarray) -> np.ndarray:
+    """Row numbers of the exact inner-product top 10, streamed part by part."""
+    import faiss
+
+    from retriever.io import embeddings
+
+    best_scores = np.full((len(queries), 10), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 10), np.int64)
+    offset = 0
+    for _, vectors in embeddings.iter_parts(str(folder)):
+        vectors = np.asarray(vectors, np.float32)
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(vectors)
+        scores, ids = flat.search(queries, 10)
+        scores = np.concatenate([best_scores, scores], 1)
+        ids = np.concatenate([best_ids, ids + offset], 1)
+        order = np.argsort(-scores, 1)[:, :10]
+        best_scores = np.take_along_axis(scores, order, 1)
+        best_ids = np.take_along_axis(ids, order, 1)
+        offset += len(vectors)
+    return best_ids
+
+
+# ---------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1e4/1e5 docs, 1e6 vectors")
+    parser.add_argument("--docs", type=float, nargs=2, default=None)
+    parser.add_argument("--vectors", type=float, default=None, help="0: no index section")
+    parser.add_argument("--work", default=None, help="folder for generated data")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.docs = [int(d) for d in (args.docs or ((1e4, 1e5) if args.quick else (1e5, 1e6)))]
+    args.vectors = int(args.vectors if args.vectors is not None else
+                       (1e6 if args.quick else 1e7))
+    return args
+
+
+def main(argv=None) -> int:
+    from retriever.ops import cluster as lc
+    from tests.train_fixtures import tiny_bert
+
+    args = parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = str(tiny_bert(work / "tiny-bert"))
+    state = work / "cluster.json"
+    lines: list[str] = []
+    started = time.perf_counter()
+    cluster = lc.up(lc.LocalClusterConfig(workers=1, head_cpus=1, worker_cpus=1,
+                                          state_path=str(state), timeout_s=300))
+    try:
+        rows = []
+        for docs in args.docs:
+            print(f"encode {docs:,} docs ...", flush=True)
+            rows.append(encode_size(cluster, work, model, docs, args.seed))
+        lines += encode_table(rows)
+        if args.vectors:
+            print(f"index {args.vectors:,} vectors ...", flush=True)
+            lines += index_section(cluster, work, args.vectors, args.seed)
+    finally:
+        lc.down(str(state), grace_s=5)
+        if not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n".join(lines + [f"(total {time.perf_counter() - started:.0f}s)"]))
+    return 0
+
+
+def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
+    """Build ``n`` clustered vectors into 8 IVF-PQ shards with the index job; measure."""
+    from retriever.io import synthetic
+    from retriever.index import shards as sh
+
+    vectors = work / f"vectors-{n}"
+    if not (vectors / "manifest.json").exists():
+        write_vectors(vectors, n, 128, seed)
+    out = work / f"index-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    rc, peaks, seconds = run_job(cluster, ["jobs.index", "--embeddings", str(vectors),
+                                           "--out", str(out), "--type", "ivfpq",
+                                           "--shards", "8"], work / f"index-{n}.log")
+    if rc != 0:
+        return [f"index: the index job failed (log: {work}/index-{n}.log)"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = sum(f.stat().st_size for f in out.glob("shard-*.faiss"))
+    planned = manifest["bytes_per_vector"]["planned"]
+    queries = synthetic.clustered_queries(1000, 128, seed=seed)
+    truth = exact_top10(vectors, queries)
+    found = sh.search_all(sh.load_all(str(out), gpu=False, mmap=True), queries, 10)
+    recall = recall_at_10(found, truth)
+    del found
+    lines = [f"index ({n:,} clustered vectors, d=128, 8 IVF-PQ shards; machine shared and busy)",
+             f"  build time {seconds:.0f}s, peak RSS of build tasks "
+             f"{peaks.get('build', 0) / 2**20:,.0f} MiB, "
+             f"driver {peaks.get('driver', 0) / 2**20:,.0f} MiB",
+             f"  bytes per vector on disk {on_disk / n:.1f}, planner {planned:.1f} "
+             f"(planner error: {100 * (planned - on_disk / n) / (on_disk / n):+.1f}%)",
+             f"  recall@10 vs exact (1,000 held-out queries): {recall:.3f}"]
+    try:
+        lines += serve_section(cluster, out, queries, manifest)
+    except Exception as err:  # noqa: BLE001 -- the table still prints what was measured
+        lines.append(f"serve: failed ({type(err).__name__}: {err})")
+    return lines
+
+
+# ---------------------------------------------------------------------------- serve
+
+def searcher_rss(cluster) -> dict[int, tuple[int, int]]:
+    """ShardSearcher-N replica -> (RSS, anonymous RSS) bytes (mapped file pages are in RSS
+    but not in RssAnon: page cache the kernel can drop)."""
+    import psutil
+
+    from retriever.ops import cluster as lc
+
+    out = {}
+    for pid in lc._stragglers(cluster.temp_dir, cluster.ports.get("gcs")):
+        try:
+            title = " ".join(psutil.Process(pid).cmdline())
+            status = Path(f"/proc/{pid}/status").read_text()
+        except (psutil.Error, OSError):
+            continue
+        if "ShardSearcher-" in title and title.startswith("ray::"):
+            number = int(title.split("ShardSearcher-")[1].split()[0].split(".")[0])
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+            out[number] = (kib("VmRSS"), kib("RssAnon"))
+    return out
+
+
+def serve_section(cluster, index: Path, queries: np.ndarray, manifest: dict) -> list[str]:
+    """The 8 shards served through the Ray Serve app (one searcher a shard), without and
+    with mmap: p50/p99 and QPS at concurrency 16, each searcher's RSS next to its shard."""
+    import ray
+    from ray import serve
+
+    from benchmarks.search_latency import free_port, over_http, percentiles
+    from serve.app import build_app
+
+    os.environ.update(RAY_ADDRESS=cluster.gcs_address, RAY_AUTH_MODE=cluster.auth)
+    ray.init(address=cluster.gcs_address, log_to_driver=False)
+    port = free_port()
+    bodies = [json.dumps({"vector": q.tolist(), "top_k": 10}).encode() for q in queries]
+    sizes = {n: entry["bytes"] for n, entry in enumerate(manifest["shards"])}
+    lines = [f"serve (8 shards, one ShardSearcher each, concurrency 16, {len(bodies)} requests; "
+             "machine shared and busy)"]
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for mmap in (False, True):
+            serve.run(build_app({"index": str(index), "mmap": mmap, "timeout_s": 60.0,
+                                 "shards_per_searcher": 1, "gpu": "no",
+                                 "allow_asymmetric_encoder": True}),
+                      name="search", route_prefix="/", blocking=False)
+            over_http(port, bodies[:64], 4)  # warm up
+            latencies, qps = over_http(port, bodies, 16)
+            p50, p99 = percentiles(latencies)
+            rss = searcher_rss(cluster)
+            lines.append(f"  mmap={str(mmap):5} p50 {p50:.1f} ms, p99 {p99:.1f} ms, {qps:.0f} QPS")
+            for n in sorted(rss):
+                total, anon = rss[n]
+                lines.append(f"    searcher {n}: RSS {total / 2**20:,.0f} MiB (anon "
+                             f"{anon / 2**20:,.0f}) = {total / sizes[n]:.2f}x its shard's "
+                             f"{sizes[n] / 2**20:,.0f} MiB")
+            serve.delete("search")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return lines
+
+
+def recall_at_10(found, truth: np.ndarray) -> float:
+    """Share of the exact top 10 (row numbers) among the hits' ids (``v<row>``)."""
+    hits = 0
+    for row, expected in zip(found, truth):
+        got = {int(doc_id[1:]) for doc_id, _ in row[:10]}
+        hits += len(got & set(expected.tolist()))
+    return hits / truth.size
+
+
+if __name__ == "__main__":
+    sys.exit(main())
