@@ -391,3 +391,32 @@ def test_cpu_actors_leave_room_for_the_read_stage():
     with pytest.raises(InputError, match="no GPUs"):
         plan_resources(EncodeOptions(encoder=EncoderConfig(device="cuda")), {"CPU": 2.0})
 
+
+
+def test_cpu_plan_tokenizes_in_the_encoder_actors_and_both_paths_agree():
+    """On CPU the encoder actors tokenize their own shards (no tokenizer actor, one shard in
+    flight, one writer actor); with GPUs a tokenizer actor feeds them. Both paths give the same
+    rows: TokenizeShards -> EncodeShards equals EncodeShards on the texts (no Ray needed)."""
+    import pyarrow as pa
+
+    from retriever.io.corpus import SHARD_SCHEMA
+    from retriever.pipelines.encode import EncodeShards, TokenizeShards
+
+    cpu = plan_resources(EncodeOptions(encoder=EncoderConfig()), {"CPU": 2.0})
+    assert (cpu.tokenizers, cpu.in_flight, cpu.writers) == (0, 1, 1)
+    gpu = plan_resources(EncodeOptions(encoder=EncoderConfig()), {"CPU": 8.0, "GPU": 2.0})
+    assert (gpu.tokenizers, gpu.in_flight) == (1, 2)
+    with pytest.raises(ValueError, match="tokenizer_actors must be >= 0"):
+        EncodeOptions(tokenizer_actors=-1)
+
+    corpus = _scifact().subset(range(12))
+    shard = pa.Table.from_pylist([{
+        "shard": 0, "first_row": 0, "input_rows": 12, "input_sha256": "x",
+        "doc_ids": corpus.ids, "texts": corpus.passages(), "skipped": "{}", "done": False,
+        "last": True, "read_node": "n"}], schema=SHARD_SCHEMA)
+    config = EncoderConfig(model="minilm")
+    encode = EncodeShards(config, threads=1)
+    fused = encode(shard).to_pylist()[0]
+    staged = encode(TokenizeShards(config)(shard)).to_pylist()[0]
+    assert fused["vectors"] == staged["vectors"] and fused["tokens"] == staged["tokens"] > 0
+    assert fused["doc_ids"] == corpus.ids and fused["dim"] == 384

@@ -39,6 +39,16 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cpu_threads_per_actor(cpus: float) -> int:
+    """Torch threads per CPU encoder actor on a node of ``cpus`` CPUs (actors = cpus // this).
+
+    One thread a process up to 4 CPUs: single-thread actors never wait at intra-op barriers,
+    which matters most on a busy machine where a descheduled thread stalls its siblings
+    (``benchmarks/encode_throughput.py --actors 1 --threads-per-actor 2`` measures the other
+    layout). Larger nodes get 4 threads an actor, so there are fewer copies of the model."""
+    return 1 if cpus <= 4 else 4
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,9 +3,11 @@
 A shard of :mod:`retriever.io.corpus` is the unit of work, of retry and of output::
 
     plan (retriever.io.corpus: scan + duplicate-id passes, Ray tasks spread over the nodes)
-      -> read (one task per file piece) -> TokenizeShards (actor: Encoder.tokenize, no weights)
+      -> read (one task per file piece)
+      -> TokenizeShards (actor: Encoder.tokenize, no weights; with GPUs only -- on CPU each
+         encoder actor tokenizes its own shard, with the same Encoder.tokenize)
       -> EncodeShards (actor pool holding the model: length-sorted, token-budget batches)
-      -> write_shards (tasks: part-NNNNN.parquet, then its record part-NNNNN.json)
+      -> WriteShards (writer actor: part-NNNNN.parquet, then its record part-NNNNN.json)
 
 Every stage takes one shard per call (one-row blocks, ``batch_size=1``), so a shard is never
 split or merged. A shard is *finished* when its record names the same input hash and settings
@@ -18,8 +20,9 @@ of the plan is finished.
 Resources: with GPUs, one GPU per actor and the Encoder's GPU dtype (bf16, else fp16). On CPU,
 a fractional ``num_cpus`` per actor (0.75 for each of 2 actors on 2 CPUs) so the read,
 tokenize and write stages (0.1 CPU each) always get scheduled -- whole CPUs per actor on a
-2-CPU node would leave the read unschedulable and deadlock -- and torch threads per actor set
-to match.
+2-CPU node would leave the read unschedulable and deadlock -- and torch threads per actor from
+``device.cpu_threads_per_actor`` (one thread an actor on small nodes). Every stage after the
+read runs in long-lived actors, so torch and the model are loaded once per process, at start.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from retriever.config import flat
 from retriever.io import embeddings, store
 from retriever.io.corpus import (READ_BYTES, SHARD_SCHEMA, CorpusPlan, CorpusSource,
                                  plan_corpus, ray_map, read_corpus)
+from retriever.modeling.device import cpu_threads_per_actor
 from retriever.modeling.encoder import (Encoder, EncoderConfig, WeightlessEncoder,
                                         token_budget_batches)
 from retriever.ops import autoscale, local_ray
@@ -88,7 +92,8 @@ class EncodeOptions:
     actors: int = field(default=0, metadata={"help": "encoder actors (0: per GPU or CPU)"})
     cpus_per_actor: float = field(default=0.0, metadata={"help": "0: auto (fractional on CPU)"})
     threads_per_actor: int = field(default=0, metadata={"help": "torch threads (0: auto)"})
-    tokenizer_actors: int = field(default=1, metadata={"help": "tokenizer actors (CPU)"})
+    tokenizer_actors: int = field(default=0, metadata={
+        "help": "tokenizer actors (0: auto -- inside the encoder actors on CPU, 1 with GPUs)"})
     actor_resources: dict[str, float] | None = field(default=None, metadata={
         "help": "custom Ray resources per encoder actor, as JSON (e.g. {\"gpu_a10g\": 1}: the "
                 "node group's own resource, which the autoscaler launches nodes for)"})
@@ -99,10 +104,11 @@ class EncodeOptions:
         if self.embedding_dtype not in embeddings.DTYPES:
             raise ValueError(f"embedding_dtype {self.embedding_dtype!r}: expected one of "
                              f"{', '.join(embeddings.DTYPES)}")
-        for name in ("docs_per_shard", "tokenizer_actors", "read_bytes"):
+        for name in ("docs_per_shard", "read_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_shards", "actors", "cpus_per_actor", "threads_per_actor"):
+        for name in ("max_shards", "actors", "cpus_per_actor", "threads_per_actor",
+                     "tokenizer_actors"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -130,10 +136,15 @@ class Resources:
     num_gpus: float
     threads: int
     device: str  # "cuda" or "cpu"
+    tokenizers: int = 0  # tokenizer actors; 0: each encoder actor tokenizes its own shards
+    in_flight: int = 1  # shards queued per encoder actor (2 on GPU: the next one is at hand)
+    writers: int = 1  # writer actors
 
     def describe(self) -> str:
         what = (f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.num_cpus:g} CPU")
-        return f"{self.actors} actor(s) x ({what}, {self.threads} thread(s))"
+        tokenize = (f"{self.tokenizers} tokenizer actor(s)" if self.tokenizers
+                    else "tokenized in the encoder actors")
+        return f"{self.actors} actor(s) x ({what}, {self.threads} thread(s)), {tokenize}"
 
 
 def plan_resources(options: EncodeOptions, cluster: dict | None = None) -> Resources:
@@ -150,12 +161,16 @@ def plan_resources(options: EncodeOptions, cluster: dict | None = None) -> Resou
         actors = options.actors or int(gpus)
         num_cpus = options.cpus_per_actor or max(AUX_CPUS, min(1.0, (cpus - AUX_RESERVE)
                                                                 / actors))
-        return Resources(actors, num_cpus, 1.0, options.threads_per_actor or 1, "cuda")
-    threads = options.threads_per_actor or (1 if cpus <= 4 else 4)
+        # Tokenizing apart keeps a GPU fed; on CPU it would be another process importing
+        # torch and transformers at start-up and a hand-off per shard, for ~3% of the work.
+        return Resources(actors, num_cpus, 1.0, options.threads_per_actor or 1, "cuda",
+                         tokenizers=options.tokenizer_actors or 1, in_flight=2, writers=2)
+    threads = options.threads_per_actor or cpu_threads_per_actor(cpus)
     actors = options.actors or max(1, int(cpus // threads))
     num_cpus = options.cpus_per_actor or max(AUX_CPUS, min(float(threads),
                                                            (cpus - AUX_RESERVE) / actors))
-    return Resources(actors, round(num_cpus, 3), 0.0, threads, "cpu")
+    return Resources(actors, round(num_cpus, 3), 0.0, threads, "cpu",
+                     tokenizers=options.tokenizer_actors)
 
 
 # ---------------------------------------------------------------------------- stage UDFs
@@ -218,11 +233,19 @@ class EncodeShards:
         self.settings = json.dumps(self.encoder.settings(), sort_keys=True)
         self.gpu = _GpuSampler() if self.encoder.placement.device.type == "cuda" else None
 
+    def _token_ids(self, row: dict) -> list[list[int]]:
+        """The shard's token ids: from the tokenize stage, or (no tokenizer actors) tokenized
+        here by the same Encoder.tokenize the tokenize stage runs."""
+        if "input_ids" in row:
+            return row.pop("input_ids")
+        texts = row.pop("texts")
+        return self.encoder.tokenize(texts, "passage") if texts and not row["done"] else []
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         config = self.encoder.config
         for row in batch.to_pylist():
-            ids = row.pop("input_ids")
+            ids = self._token_ids(row)
             vectors = np.zeros((0, self.encoder.dim), np.float32)
             stats = {"tokens": 0, "padded_tokens": 0, "seconds": 0.0, "gpu_util": None,
                      "gpu_memory_gb": None}
@@ -248,6 +271,20 @@ def padding(lengths: list[int], batch_size: int, max_tokens: int | None) -> tupl
     padded = sum(len(b) * max(lengths[i] for i in b)
                  for b in token_budget_batches(lengths, batch_size, max_tokens))
     return sum(lengths), padded
+
+
+class WriteShards:
+    """Ray Data UDF held by the long-lived writer actor(s): :func:`write_shards` per shard.
+
+    A task a shard would start a fresh worker process for most shards (Ray keeps few idle
+    workers), and each would import this module -- torch and transformers -- again: seconds
+    of CPU a shard taken from the encoder actors on a small node."""
+
+    def __init__(self, folder: str, embedding_dtype: str, key: str):
+        self.args = {"folder": folder, "embedding_dtype": embedding_dtype, "key": key}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return write_shards(batch, **self.args)
 
 
 def write_shards(batch: pa.Table, folder: str, embedding_dtype: str, key: str) -> pa.Table:
@@ -358,25 +395,29 @@ def build_pipeline(plan: CorpusPlan, folder: str, options: EncodeOptions,
 
 
 def _build(plan, folder, options, resources, key, done):
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy
 
     ds = read_corpus(plan, {k: r["input_sha256"] for k, r in done.items()},
                      options.max_shards or None, num_cpus=AUX_CPUS)
     # Fixed-size pools: the autoscaler would drop a loaded model whenever the pool is briefly
     # under half busy (e.g. while the tokenizer starts) and pay its load time again later.
-    ds = ds.map_batches(TokenizeShards, fn_constructor_kwargs={"encoder_config": options.encoder},
-                        batch_size=1, batch_format="pyarrow", num_cpus=AUX_CPUS,
-                        compute=ActorPoolStrategy(size=options.tokenizer_actors))
+    if resources.tokenizers:
+        ds = ds.map_batches(TokenizeShards, batch_size=1, batch_format="pyarrow",
+                            fn_constructor_kwargs={"encoder_config": options.encoder},
+                            num_cpus=AUX_CPUS, compute=ActorPoolStrategy(size=resources.tokenizers))
+    # One shard in flight per CPU actor: a shard queued behind a busy actor while another
+    # actor idles would stretch the job's tail by up to a shard's encode time.
     ds = ds.map_batches(
         EncodeShards, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"encoder_config": options.encoder, "threads": resources.threads},
-        compute=ActorPoolStrategy(size=resources.actors, max_tasks_in_flight_per_actor=2),
+        compute=ActorPoolStrategy(size=resources.actors,
+                                  max_tasks_in_flight_per_actor=resources.in_flight),
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None,
         resources=options.actor_resources or None)
-    return ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow",
-                          num_cpus=AUX_CPUS, compute=TaskPoolStrategy(size=2),
-                          fn_kwargs={"folder": folder, "embedding_dtype": options.embedding_dtype,
-                                     "key": key})
+    return ds.map_batches(WriteShards, batch_size=1, batch_format="pyarrow", num_cpus=AUX_CPUS,
+                          compute=ActorPoolStrategy(size=resources.writers),
+                          fn_constructor_kwargs={"folder": folder, "key": key,
+                                                 "embedding_dtype": options.embedding_dtype})
 
 
 def input_error(err: BaseException) -> InputError | None:
