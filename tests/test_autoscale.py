@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 GROUP = "worker.gpu.1x"  # cluster/aws.yaml's single-GPU group
 ACCEL = {"gpu_a10g": 1}  # its own resource: what the jobs ask for instead of a GPU
 IDLE_MINUTES = 0.15  # 9 s
-JOB_TIMEOUT_S = 240
-SCALE_DOWN_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 420  # generous: on a loaded machine fake nodes start slowly
+SCALE_DOWN_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
