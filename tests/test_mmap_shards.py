@@ -39,7 +39,8 @@ def small(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw", "sq8", "binary"])
 def test_mmap_shards_answer_like_shards_in_memory(small, kind):
     out = str(small / kind)
-    sh.build(str(small / "emb"), out, 2, sh.IndexSpec(kind, hnsw_m=16), recall_queries=100)
+    spec = sh.IndexSpec(kind, hnsw_m=16, pq_nbits=4)  # 4-bit PQ: a quick training
+    sh.build(str(small / "emb"), out, 2, spec, recall_queries=100)
     queries = synthetic.clustered_queries(50, dim=DIM, centres=100)
     in_memory = sh.load_all(out, gpu="no")
     mapped = sh.load_all(out, mmap=True)
@@ -62,9 +63,11 @@ process = psutil.Process()
 folder, mmap = sys.argv[1], sys.argv[2] == "mmap"
 manifest = sh.read_manifest(folder)
 queries = np.asarray(json.loads(sys.argv[3]), dtype=np.float32)
+ids = sh._read_ids(sh.store.join(folder, manifest["shards"][0]["ids"]))  # not the shard's bytes
 rss, anon = process.memory_info().rss, anon_kb()
-shard = sh.IndexShard.load(folder, 0, manifest, gpu="no", verify=False, mmap=mmap)
+index = sh.read_index(sh.store.join(folder, manifest["shards"][0]["index"]), mmap=mmap)
 loaded = process.memory_info().rss - rss
+shard = sh.IndexShard(index, ids, manifest["type"], search_params=manifest["search_params"])
 hits = shard.search(queries, 10)
 print(json.dumps({"load": loaded, "search_anon": (anon_kb() - anon) * 1024,
                   "hits": hits}))
@@ -80,13 +83,13 @@ def rss_growth(folder: str, mmap: bool, queries) -> dict:
 
 
 @pytest.mark.parametrize("kind, extra", [("flat", []),
-                                         ("ivfpq", ["--nlist", "256", "--pq-m", "16",
-                                                    "--refine", "Flat"])])
+                                         ("ivfpq", ["--nlist", "64", "--pq-m", "16",
+                                                    "--pq-nbits", "4", "--refine", "Flat"])])
 def test_a_mapped_shard_holds_a_small_part_of_its_bytes(tmp_path, kind, extra):
     embed(tmp_path / "emb", 100_000, centres=2000)  # one shard of ~51-54 MB
     out = str(tmp_path / kind)
     assert main(["index", "--embeddings", str(tmp_path / "emb"), "--type", kind,
-                 "--recall-queries", "0", "--train-sample", "20000", "--out", out,
+                 "--recall-queries", "0", "--train-sample", "5000", "--out", out,
                  *extra]) == 0
     size = os.path.getsize(os.path.join(out, "shard-00000.faiss"))
     queries = synthetic.clustered_queries(20, dim=DIM, centres=2000)

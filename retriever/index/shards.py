@@ -493,7 +493,7 @@ def cached_copy(url: str, sha256: str, cache_dir: str | None = None) -> str:
     return final
 
 
-def _read_index(url: str, sha256: str | None = None, mmap: bool = False,
+def read_index(url: str, sha256: str | None = None, mmap: bool = False,
                 cache_dir: str | None = None) -> "faiss.Index":
     """FAISS reads local files itself; a remote shard is downloaded to a temporary file, or
     with ``mmap`` to the shard cache (:func:`cached_copy`, which needs the ``sha256``).
@@ -556,7 +556,7 @@ class IndexShard:
         """Shard ``number`` of the index at ``folder``; ``verify`` (default) checks the shard
         and its id map against the manifest's sha256 (off only to save reading huge shards
         twice where the storage itself is trusted). ``mmap`` maps the shard file instead of
-        reading it (see :func:`_read_index`; a remote shard is mapped from a verified local
+        reading it (see :func:`read_index`; a remote shard is mapped from a verified local
         copy under ``cache_dir``) and keeps it on the CPU."""
         manifest = manifest or read_manifest(folder)
         if not 0 <= number < len(manifest["shards"]):
@@ -564,7 +564,7 @@ class IndexShard:
                              f"{len(manifest['shards'])})")
         entry = manifest["shards"][number]
         url = store.join(folder, entry["index"])
-        index = _read_index(url, entry["sha256"] if verify or mmap and not store.is_local(url)
+        index = read_index(url, entry["sha256"] if verify or mmap and not store.is_local(url)
                             else None, mmap, cache_dir)
         ids = _read_ids(store.join(folder, entry["ids"]), entry["ids_sha256"] if verify else None)
         if manifest["type"] == "flat" and not mmap and use_gpu(gpu):
