@@ -49,7 +49,7 @@ KINDS = {  # process kind -> what its Ray worker's title contains
     "read": ("ReadCorpusShards",),
     "tokenize": ("TokenizeShards",),
     "encode": ("EncodeShards",),
-    "write": ("write_shards",),
+    "write": ("write_shards", "WriteShards"),
     "build": ("build_shard", "_build_shard", "IndexShard", "shard_task"),
 }
 
@@ -247,6 +247,7 @@ def main(argv=None) -> int:
             print(f"encode {docs:,} docs ...", flush=True)
             rows.append(encode_size(cluster, work, model, docs, args.seed))
         lines += encode_table(rows)
+        print("\n".join(lines), flush=True)  # now: the index section may take long
         if args.vectors:
             print(f"index {args.vectors:,} vectors ...", flush=True)
             lines += index_section(cluster, work, args.vectors, args.seed)
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
         lc.down(str(state), grace_s=5)
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n".join(lines + [f"(total {time.perf_counter() - started:.0f}s)"]))
+    print("\n".join(lines + [f"(total {time.perf_counter() - started:.0f}s; load average "
+                             f"{os.getloadavg()[0]:.0f} on {os.cpu_count()} CPUs)"]))
     return 0
 
 
@@ -270,7 +272,8 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     shutil.rmtree(out, ignore_errors=True)
     rc, peaks, seconds = run_job(cluster, ["jobs.index", "--embeddings", str(vectors),
                                            "--out", str(out), "--type", "ivfpq",
-                                           "--shards", "8"], work / f"index-{n}.log")
+                                           "--shards", "8", "--workers", "2"],
+                                 work / f"index-{n}.log")
     if rc != 0:
         return [f"index: the index job failed (log: {work}/index-{n}.log)"]
     manifest = json.loads((out / "manifest.json").read_text())
