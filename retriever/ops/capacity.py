@@ -507,8 +507,9 @@ def _plan_index(p: Plan, cfg: PlanConfig, bpd: float) -> tuple[float, float]:
         size = index_types.footprint(factory, d)
     except Exception as err:  # InputError: the index job's own message
         raise ValueError(str(err)) from None
+    trained = f"; IVF trained on {num(train_rows)} vectors" if "IVF" in factory else ""
     p.assumptions.append(f"index: FAISS {factory!r} (what `retriever index --type {cfg.index}` "
-                         f"builds; IVF trained on {num(train_rows)} vectors), float32 vectors")
+                         f"builds{trained}), float32 vectors")
     terms = " + ".join(size.terms)
     per_vec = p.add("index_bytes_per_vector", size.per_vector, "B",
                     f"bytes per vector of {factory} (retriever.index.types.footprint)", terms)
