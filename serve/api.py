@@ -337,7 +337,7 @@ async def _encode_queries(backend: Backend, texts: list[str],
     """The texts' query vectors, or a 503 response when the encoder fails or does not answer."""
     try:
         vectors, _ = await asyncio.wait_for(backend.encode(texts, "query"),
-                                            max(settings.timeout_s, 10.0))
+                                            max(settings.timeout_s, 30.0))
         return vectors
     except asyncio.TimeoutError:
         return json_response({"detail": "the query encoder did not answer in time"}, 503)
