@@ -215,7 +215,9 @@ def test_a_job_no_group_can_hold_is_refused_naming_the_group_and_limit(autoscali
     status, logs = _submit(autoscaling, "jobs.train", args)
     assert status == "FAILED", logs[-3000:]
     assert "worker.gpu.8x would need 3 nodes" in logs and "max_workers is 2" in logs, logs[-3000:]
-    assert time.monotonic() - started < 60  # refused up front, not left pending
+    # Refused as the driver starts (its imports take most of this on a busy machine), not
+    # left pending until the job timeout.
+    assert time.monotonic() - started < JOB_TIMEOUT_S / 2
     assert not lc.status(autoscaling.state_path).get("groups")  # nothing launched for it
 
 
@@ -367,7 +369,7 @@ def test_nothing_of_ray_is_left_behind(autoscaling):
     import psutil
 
     lc.down(autoscaling.state_path, grace_s=5)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # Ray's processes take a while to exit on a busy machine
     while time.monotonic() < deadline:
         ours = [p for p in psutil.Process().children(recursive=True)
                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
