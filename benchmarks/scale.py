@@ -78,24 +78,35 @@ class RssSampler:
     def _run(self) -> None:
         import psutil
 
-        from retriever.ops import cluster as lc
-
+        nodes = raylets(self.cluster)
         while not self._stop.wait(self.period):
             if self.driver_pid:
                 try:
                     self._note("driver", psutil.Process(self.driver_pid).memory_info().rss)
                 except psutil.Error:
                     pass
-            for pid in lc._stragglers(self.cluster.temp_dir, self.cluster.ports.get("gcs")):
+            for raylet in nodes:  # a node's Ray workers are its raylet's children
                 try:
-                    proc = psutil.Process(pid)
-                    title = " ".join(proc.cmdline())
-                    rss = proc.memory_info().rss
+                    workers = raylet.children()
                 except psutil.Error:
                     continue
-                for kind, marks in KINDS.items():
-                    if title.startswith("ray::") and any(m in title for m in marks):
-                        self._note(kind, rss)
+                for proc in workers:
+                    try:
+                        title = " ".join(proc.cmdline())
+                        rss = proc.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    for kind, marks in KINDS.items():
+                        if title.startswith("ray::") and any(m in title for m in marks):
+                            self._note(kind, rss)
+
+
+def raylets(cluster) -> list:
+    """The cluster's raylets (psutil processes): one a node, Ray workers are their children."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "raylet" and cluster.temp_dir in " ".join(p.info["cmdline"] or [])]
 
 
 def _env(cluster) -> dict[str, str]:
@@ -305,20 +316,19 @@ def searcher_rss(cluster) -> dict[int, tuple[int, int]]:
     but not in RssAnon: page cache the kernel can drop)."""
     import psutil
 
-    from retriever.ops import cluster as lc
-
     out = {}
-    for pid in lc._stragglers(cluster.temp_dir, cluster.ports.get("gcs")):
-        try:
-            title = " ".join(psutil.Process(pid).cmdline())
-            status = Path(f"/proc/{pid}/status").read_text()
-        except (psutil.Error, OSError):
-            continue
-        if "ShardSearcher-" in title and title.startswith("ray::"):
-            number = int(title.split("ShardSearcher-")[1].split()[0].split(".")[0])
-            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
-            out[number] = (kib("VmRSS"), kib("RssAnon"))
+    for raylet in raylets(cluster):
+        for proc in raylet.children():
+            try:
+                title = " ".join(proc.cmdline())
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except (psutil.Error, OSError):
+                continue
+            if "ShardSearcher-" in title and title.startswith("ray::"):
+                number = int(title.split("ShardSearcher-")[1].split()[0].split(".")[0])
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+                out[number] = (kib("VmRSS"), kib("RssAnon"))
     return out
 
 
