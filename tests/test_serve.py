@@ -306,8 +306,8 @@ def test_hybrid_and_sparse_answers_equal_the_offline_runs(app, scifact):
         offline, _ = hybrid_run(CachedEncoder(scifact), data, 10, fusion)
         unequal = []
         for qid, got in zip(qids, answers[mode]):
-            try:
-                _same_ranking(got, offline[qid])
+            try:  # weighted fuses normalised scores: the encoder's noise shows in them
+                _same_ranking(got, offline[qid], 1e-5 if fusion.method == "rrf" else 3e-3)
             except AssertionError:
                 unequal.append(qid)
         http = {q: [(h["doc_id"], h["score"]) for h in hits]
