@@ -4,6 +4,7 @@ package embeds queries and passages exactly as this project's Encoder does."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def test_a_decoders_saved_tokenizer_appends_the_encoders_eos(exported):
         assert [saved(prefix + text)["input_ids"] for text in QUERIES] == \
             encoder.tokenize(QUERIES, kind)
     assert encoder.tokenize(QUERIES, "query")[0][-1] == saved.eos_token_id
+    # a class transformers 4 (embedding servers' pin) knows too, with the EOS in tokenizer.json
+    config = json.loads((merged / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    post = json.loads((merged / "tokenizer.json").read_text())["post_processor"]
+    assert "SpecialToken" in json.dumps(post) and saved.eos_token in json.dumps(post)
 
 
 @pytest.mark.parametrize("model", ["minilm", "smollm2-135m"])

@@ -103,6 +103,20 @@ def write_config(directory: str | Path, defaults, dim: int) -> None:
     _write_json(directory / ST_CONFIG_FILE, {
         "prompts": {"query": defaults.query_prefix, "passage": defaults.passage_prefix},
         "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    _portable_tokenizer_class(directory)
+
+
+def _portable_tokenizer_class(directory: Path) -> None:
+    """transformers 5 names a saved fast tokenizer ``TokenizersBackend``, a class transformers 4
+    (what most embedding servers pin) lacks; ``PreTrainedTokenizerFast`` loads the same
+    ``tokenizer.json``, post-processor (the appended EOS) included, in both."""
+    path = directory / "tokenizer_config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        _write_json(path, config)
 
 
 def hidden_size(directory: str | Path) -> int:
