@@ -413,6 +413,13 @@ def embedding_phase(args, port: int, index: str, cpus: list[int], work: str
                                      texts, "minilm", args.concurrency)
 
 
+ROUTER = 0  # the "router" layout: no ShardSearcher, the Router holds the shards (0 searchers)
+
+
+def placed(searchers: int) -> str:
+    return f"{searchers} searcher(s)" if searchers else "the Router (no searcher hop)"
+
+
 def print_floor_ratios(main_rows: dict, floor: dict, floor_many: tuple | None,
                        concurrency: int) -> None:
     """The app next to Serve's floor app (an ingress answering at once), same run."""
@@ -420,12 +427,12 @@ def print_floor_ratios(main_rows: dict, floor: dict, floor_many: tuple | None,
         n, g, _, _, _, _, hp50, _, hqps = row
         if c == 1:
             added = hp50 - floor["empty"]
-            print(f"    {n} shards in {g} searcher(s): app p50 - floor p50 at c1: {added:.2f} ms "
+            print(f"    {n} shards in {placed(g)}: app p50 - floor p50 at c1: {added:.2f} ms "
                   f"(app {hp50:.2f} ms, floor {floor['empty']:.2f} ms; target <= 5 ms: "
                   f"{'met' if added <= 5 else 'NOT met'})")
         elif floor_many:
             ratio = hqps / floor_many[1]
-            print(f"    {n} shards in {g} searcher(s): app QPS / floor QPS at c{c}: {ratio:.2f} "
+            print(f"    {n} shards in {placed(g)}: app QPS / floor QPS at c{c}: {ratio:.2f} "
                   f"(app {hqps:.0f} QPS, floor {floor_many[1]:.0f} QPS, floor p50 "
                   f"{floor_many[0]:.2f} ms; target >= 0.6: {'met' if ratio >= 0.6 else 'NOT met'})")
 
@@ -446,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-counts", default="1,2,4,8")
     parser.add_argument("--main-shards", type=int, default=4,
                         help="shard count of the concurrency 1 vs 16 comparison")
-    parser.add_argument("--layouts", default="1,all",
-                        help="shards per searcher to measure: numbers and/or 'all'")
+    parser.add_argument("--layouts", default="1,all,router",
+                        help="shards per searcher to measure: numbers, 'all' and/or 'router' "
+                             "(shards_in_router: the Router searches every shard itself)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", help="CPUs for everything here, the app and the peer alike "
@@ -463,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = sorted({int(c) for c in args.shard_counts.split(",")} | {args.main_shards})
 
     def layouts(n: int) -> list[int]:  # shards per searcher, each at most once
-        chosen = [n if item.strip() == "all" else int(item)
-                  for item in args.layouts.split(",")]
+        named = {"all": n, "router": ROUTER}
+        items = [item.strip() for item in args.layouts.split(",")]
+        chosen = [named[item] if item in named else int(item) for item in items]
         return sorted({min(p, n) for p in chosen})
 
     import faiss
@@ -509,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.run(floor_app(), name="floor", route_prefix="/floor", blocking=False)
         for n, per in [(n, per) for n in counts for per in layouts(n)]:
-            serve.run(build_app({"index": indexes[n], "timeout_s": 30.0,
-                                 "shards_per_searcher": per}), name="search",
+            placement = ({"shards_in_router": True} if per == ROUTER
+                         else {"shards_per_searcher": per})
+            serve.run(build_app({"index": indexes[n], "timeout_s": 30.0, **placement}),
+                      name="search",
                       route_prefix="/", blocking=False)
             loaded = sh.load_all(indexes[n], gpu="no")
             over_http(port, bodies[:50], 4)  # warm up connections, handles, replicas
@@ -538,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                         floor_many = (percentiles(lat_floor)[0], qps_floor)
                 lp50, lp99 = percentiles(local_lat)
                 hp50, hp99 = percentiles(http_lat)
-                row = (n, -(-n // per), c, lp50, lp99, local_qps, hp50, hp99, http_qps)
+                row = (n, -(-n // per) if per != ROUTER else 0, c, lp50, lp99, local_qps, hp50, hp99, http_qps)
                 rows.append(row)
                 if main:
                     main_rows[per, c] = row
@@ -565,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         added = hp50 - lp50
         verdict = ("meets the goal" if added <= GOAL_MS else
                    "meets the bar, not the goal" if added <= BAR_MS else "MISSES the bar")
-        print(f"added p50 through HTTP at {n} shards in {g} searcher(s), concurrency 1: "
+        print(f"added p50 through HTTP at {n} shards in {placed(g)}, concurrency 1: "
               f"{added:.2f} ms (HTTP {hp50:.2f} ms vs in-process {lp50:.2f} ms, "
               f"{hp50 / lp50:.1f}x; of it the Router's took_ms: parse, searcher calls, merge "
               f"{router_took[per]:.2f} ms); bar <= {BAR_MS:g} ms, goal <= {GOAL_MS:g} ms: "
