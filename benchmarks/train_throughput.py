@@ -16,14 +16,18 @@ RSS without that effect, at some speed cost. ::
     python benchmarks/train_throughput.py --model smollm2-135m --steps 6
     python benchmarks/train_throughput.py --model minilm --per-device-batch-size 8 --group-size 4
     python benchmarks/train_throughput.py --model minilm --per-device-batch-size 128 \
-        --group-size 1 --grad-cache-chunk 16 --strategies zero3 ddp --steps 3
+        --group-size 1 --grad-cache-chunk 16 --strategies zero3 ddp --steps 3 \
+        --synthetic-from scifact:train
 
 ``--grad-cache-chunk N`` measures every strategy twice, without and with GradCache (chunks of N
 texts), and prints GradCache's peak memory per worker and samples/s as ratios to the same
 strategy without it (the effective batch is the same: per-device batch x workers).
 
 Training examples: ``--train-data`` (a training-examples file or `retriever mine` folder), or
-synthetic ones built from Cranfield's text (``../shared/datasets/cranfield``) by default.
+synthetic ones built from a shared collection's judged queries (``--synthetic-from``, default
+Cranfield's 225 test queries; at least 150 examples, and one per query of a step: every query
+of a batch distinct, as in-batch negatives need). An effective batch of 256 (the last example
+above) needs more queries than Cranfield has: SciFact's train split has 809.
 """
 
 from __future__ import annotations
@@ -42,20 +46,31 @@ sys.path.insert(0, str(REPO))
 STRATEGIES = ("zero3", "zero2", "ddp")
 
 
-def synthetic_examples(path: Path, n: int, negatives: int = 8) -> Path:
-    """Queries = Cranfield queries, positives = judged docs, negatives = random docs."""
+def synthetic_examples(path: Path, n: int, source: str = "cranfield",
+                       negatives: int = 8) -> Path:
+    """Queries = the judged queries of ``source`` (``NAME[:SPLIT]`` under the shared datasets),
+    positives = their judged docs, negatives = random docs; ``n`` examples, refused (naming
+    the collection) when it has fewer queries with a positive."""
     from retriever.io.formats import TrainingExample, load_dataset, write_training_examples
 
-    data = load_dataset(str(REPO.parent / "shared" / "datasets" / "cranfield"))
+    name, _, split = source.partition(":")
+    data = load_dataset(str(REPO.parent / "shared" / "datasets" / name), split or "test")
     rng = random.Random(0)
     passages = data.corpus.passages()
     row = {d: i for i, d in enumerate(data.corpus.ids)}
     examples = []
-    for qid, text in list(data.judged_queries().items())[:n]:
+    for qid, text in data.judged_queries().items():
+        if len(examples) == n:
+            break
         positives = [passages[row[d]] for d, g in data.qrels[qid].items() if g > 0]
         if positives:
             examples.append(TrainingExample(query=text, positives=positives, query_id=qid,
                                             negatives=rng.sample(passages, negatives)))
+    if len(examples) < n:
+        raise SystemExit(f"--synthetic-from {source}: {len(examples)} judged queries with a "
+                         f"positive, fewer than the {n} examples wanted (one per query of a "
+                         "step, at least 150); pick a larger collection, e.g. scifact:train "
+                         "(809 queries)")
     write_training_examples(examples, str(path))
     return path
 
@@ -108,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="environment for the workers, e.g. MALLOC_MMAP_THRESHOLD_=131072")
     parser.add_argument("--grad-cache-chunk", type=int, default=None,
                         help="also measure every strategy with GradCache in chunks of N")
+    parser.add_argument("--synthetic-from", default="cranfield", metavar="NAME[:SPLIT]",
+                        help="shared collection (and split) the synthetic examples come from "
+                             "when --train-data is not given, e.g. scifact:train")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -117,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="train-bench-") as scratch:
         root = Path(scratch)
-        train_data = args.train_data or str(synthetic_examples(root / "examples.jsonl", 150))
+        step = args.per_device_batch_size * args.workers  # distinct queries in one step
+        train_data = args.train_data or str(synthetic_examples(
+            root / "examples.jsonl", max(150, step), args.synthetic_from))
         for strategy in args.strategies:
             for chunk in (None, args.grad_cache_chunk) if args.grad_cache_chunk else (None,):
                 print(f"measuring {strategy} (GradCache chunk {chunk}) ...", file=sys.stderr,
