@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"measuring {strategy} (GradCache chunk {chunk}) ...", file=sys.stderr,
                       flush=True)
                 rows.append(measure(strategy, args, train_data, root, chunk))
+                row = rows[-1]  # as measured, so that a run cut short still shows it
+                print(f"measured {row['strategy']}: {row['samples_per_s']:.2f} samples/s, "
+                      f"train peak MiB/worker {row['peak_memory_mb']}", file=sys.stderr,
+                      flush=True)
     ray.shutdown()
     if args.grad_cache_chunk:
         print_grad_cache(rows, args)
