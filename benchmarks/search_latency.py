@@ -396,12 +396,12 @@ def embedding_phase(args, port: int, index: str, cpus: list[int], work: str
     import torch
     from ray import serve
 
-    from retriever.modeling.device import pick_dtype
+    from retriever.modeling.device import pick_query_dtype
     from retriever.modeling.registry import resolve_model
     from serve.app import build_app
 
     binary = peer_binary(Path(args.peer_venv))
-    dtype = str(pick_dtype(torch.device("cpu"), "auto")).replace("torch.", "")  # the app's
+    dtype = str(pick_query_dtype(torch.device("cpu"))).replace("torch.", "")  # app's queries
     serve.run(build_app({"index": index, "timeout_s": 30.0, "deployments": [
         {"name": "QueryEncoder", "ray_actor_options": {"num_cpus": len(cpus)}}]}),
         name="search", route_prefix="/", blocking=False)

@@ -5,7 +5,8 @@ fused, sampled from a rank window (see ``retriever.training.mining``). Writes ``
 (the training-example format of ``retriever.io.formats``) and ``manifest.json`` (last) under
 ``--out`` (default ``<store>/mined/<dataset>-<split>-<dense model>``); ``retriever train
 --train-data`` takes that folder. The dense model: ``--dense-model`` (``none``: BM25 only),
-``--dense-batch-size``, ``--dense-dtype``. The work is ``retriever.pipelines.mine``.
+``--dense-batch-size``, ``--dense-dtype``, ``--dense-query-dtype``. The work is
+``retriever.pipelines.mine``.
 """
 
 from __future__ import annotations

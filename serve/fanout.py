@@ -11,7 +11,7 @@
   concurrency 1).
 - :func:`fan_out`: every searcher asked concurrently, each under its own timeout.
 - :func:`encode_requests`: the encoder's batch of ``(kind, texts)`` requests in one forward
-  pass per kind ("query" / "passage" pick the prefixes), with token counts.
+  pass per kind ("query" / "passage" pick the prefixes and the precision), with token counts.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def encode_requests(encoder, requests: Sequence[tuple[str, Sequence[str]]]
     for kind in {k for k, _ in requests}:
         members = [i for i, (k, _) in enumerate(requests) if k == kind]
         ids = encoder.tokenize([t for i in members for t in requests[i][1]], kind)
-        vectors = encoder.encode_ids(ids)
+        vectors = encoder.encode_ids(ids, kind)  # the kind's precision (fp32 queries on CPU)
         at = 0
         for i in members:
             n = len(requests[i][1])

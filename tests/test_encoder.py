@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from retriever.io.formats import load_dataset
-from retriever.modeling.encoder import Encoder, token_budget_batches
+from retriever.modeling.device import Placement, cpu_has_native_bf16, pick_query_dtype
+from retriever.modeling.encoder import Encoder, EncoderConfig, token_budget_batches
 from retriever.modeling.prompts import ONE_WORD_ANSWER_START
 from tests.helpers import dataset
 
@@ -10,6 +12,12 @@ from tests.helpers import dataset
 @pytest.fixture(scope="module")
 def minilm():
     return Encoder(model="minilm", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """MiniLM with every precision "auto": the machine's own policy."""
+    return Encoder(model="minilm", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,62 @@ def test_bf16_autocast_stays_close_to_fp32(minilm):
     bf16 = Encoder(model="minilm", dtype="bfloat16")
     cosine = (bf16.encode_passages(texts) * minilm.encode_passages(texts)).sum(1)
     assert cosine.min() > 0.999
+
+
+def _queries(n=32):
+    return list(load_dataset(dataset("scifact")).judged_queries().values())[:n]
+
+
+def test_queries_default_to_fp32_on_cpu_and_passages_keep_the_machines_policy(minilm, policy):
+    passages = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert policy.placement.query_dtype == torch.float32
+    settings = policy.settings()
+    assert (settings["dtype"], settings["query_dtype"]) == (passages, "float32")
+    texts = _queries()
+    # fp32 queries: the same bits as an all-fp32 encoder's; passages: the machine's policy.
+    assert np.array_equal(policy.encode_queries(texts), minilm.encode_queries(texts))
+    same_passages = np.array_equal(policy.encode_passages(texts), minilm.encode_passages(texts))
+    assert same_passages == (passages == "float32")
+
+
+def test_fp32_query_vectors_do_not_depend_on_batching_or_threads(policy):
+    """A query alone (no padding) and in a padded batch of 32, on 1 and on all threads: the
+    vectors agree to fp32 rounding (bf16 autocast: ~1e-3, enough to swap close neighbours)."""
+    texts = _queries()
+    batch = policy.encode_queries(texts)
+    alone = np.vstack([policy.encode_queries([t]) for t in texts[:8]])
+    assert np.abs(alone - batch[:8]).max() < 1e-6
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = policy.encode_queries(texts)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(one_thread - batch).max() < 1e-6
+
+
+def test_query_dtype_auto_follows_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pick_query_dtype(cpu) == torch.float32
+    assert pick_query_dtype(cpu, "bf16") == torch.bfloat16  # asked for: as asked
+    # On CUDA queries keep the passages' dtype: one half-size weight copy serves both kinds.
+    assert pick_query_dtype(cuda, "auto", torch.float16) == torch.float16
+    assert Placement(cuda, torch.bfloat16, torch.bfloat16).weight_dtype == torch.bfloat16
+    # Two precisions on CUDA: fp32 weights, each kind autocast to its own.
+    assert Placement(cuda, torch.bfloat16, torch.float32).weight_dtype == torch.float32
+    placement = Placement(cpu, torch.bfloat16, torch.float32)
+    assert placement.weight_dtype == torch.float32
+    assert placement.compute_dtype("query") == torch.float32
+    assert placement.compute_dtype("passage") == torch.bfloat16
+    with pytest.raises(ValueError, match="kind 'doc'"):
+        placement.compute_dtype("doc")
+
+
+def test_recorded_precisions_are_never_replayed():
+    settings = {"model": "minilm", "pooling": "mean", "dtype": "bfloat16",
+                "query_dtype": "bfloat16"}  # e.g. recorded by a GPU encode actor
+    config = EncoderConfig.replaying(settings)
+    assert (config.dtype, config.query_dtype, config.pooling) == ("auto", "auto", "mean")
 
 
 def test_token_budget_batches_cover_every_index_once():
@@ -106,3 +170,6 @@ def test_unknown_model_and_bad_options_are_named():
         Encoder(model="no-such-model")
     with pytest.raises(ValueError, match="pooling 'max'"):
         Encoder(model="minilm", pooling="max")
+    for option in ("dtype", "query_dtype"):
+        with pytest.raises(ValueError, match=f"^{option} 'fp8': expected auto, bf16, "):
+            EncoderConfig(**{option: "fp8"})

@@ -6,6 +6,13 @@
 - Any other CPU: fp32. Collectives on CPU use gloo.
 Training on CPU always runs in fp32 (bf16 there is only used for inference).
 
+Queries have their own precision (:func:`pick_query_dtype`): fp32 on CPU, the device's dtype on
+CUDA. On CPU, queries are a tiny share of the encode work and latency-bound on short inputs,
+and fp32 keeps a served answer independent of the replica's thread count and batch
+composition: bf16 rounding turns a different order of fp32 sums (other threads, other padding
+and blocking) into ~1e-3 differences between query vectors (a SciFact query alone vs in a
+batch: 7.7e-4 under bf16, 1.1e-7 in fp32), enough to swap close neighbours.
+
 Whether a GPU may be used is decided where the work runs, not in the driver that schedules
 it: inside a Ray task or actor, by the GPUs Ray assigned to it (none when it asked for none,
 whatever the node holds); elsewhere by the CUDA devices the process sees
@@ -58,15 +65,38 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def named_dtype(requested: str, option: str = "dtype") -> torch.dtype | None:
+    """The torch dtype a setting names (``None`` for "auto"); a ValueError naming ``option``
+    (the setting's name: ``dtype``, ``query_dtype``) for any other value."""
+    if requested == "auto":
+        return None
+    if requested not in _DTYPES:
+        raise ValueError(f"{option} {requested!r}: expected auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[requested]
+
+
 def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """The compute dtype for inference on ``device``."""
-    if requested != "auto":
-        if requested not in _DTYPES:
-            raise ValueError(f"dtype {requested!r}: expected auto, {', '.join(sorted(_DTYPES))}")
-        return _DTYPES[requested]
+    """The compute dtype for inference on ``device`` (passages; queries: pick_query_dtype)."""
+    named = named_dtype(requested)
+    if named is not None:
+        return named
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def pick_query_dtype(device: torch.device, requested: str = "auto",
+                     passages: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype for queries on ``device``: under "auto", fp32 on CPU (see the module
+    docstring) and the passages' dtype (``passages``, default :func:`pick_dtype`'s) on CUDA,
+    where one half-size weight copy then serves both kinds at GPU speed (ask "float32" there
+    for answers that do not depend on batching: fp32 weights, passages autocast)."""
+    named = named_dtype(requested, "query_dtype")
+    if named is not None:
+        return named
+    if device.type == "cuda":
+        return passages or pick_dtype(device)
+    return torch.float32
 
 
 def ray_assigned_gpu_ids() -> list[str] | None:
@@ -106,23 +136,36 @@ def gpus_to_request(setting: str | bool = "auto") -> int:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and how a model runs: weights stay fp32 on CPU; compute uses autocast."""
+    """Where and how a model runs: weights stay fp32 on CPU; compute uses autocast, in
+    ``dtype`` for passages and ``query_dtype`` for queries."""
 
     device: torch.device
     dtype: torch.dtype
+    query_dtype: torch.dtype
 
     @classmethod
-    def resolve(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
+    def resolve(cls, device: str = "auto", dtype: str = "auto",
+                query_dtype: str = "auto") -> "Placement":
         dev = pick_device(device)
-        return cls(dev, pick_dtype(dev, dtype))
+        passages = pick_dtype(dev, dtype)
+        return cls(dev, passages, pick_query_dtype(dev, query_dtype, passages))
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        # On GPU, store weights in the compute dtype (halves memory); on CPU keep fp32 weights
-        # and autocast, which is both faster and closer to fp32 results than bf16 weights.
-        return self.dtype if self.device.type == "cuda" else torch.float32
+        # On GPU, store weights in the compute dtype (halves memory) when both kinds share it;
+        # on CPU (or two precisions) keep fp32 weights and autocast, which on CPU is both
+        # faster and closer to fp32 results than bf16 weights.
+        shared = self.dtype == self.query_dtype
+        return self.dtype if self.device.type == "cuda" and shared else torch.float32
 
-    def autocast(self):
-        if self.dtype == torch.float32:
+    def compute_dtype(self, kind: str = "passage") -> torch.dtype:
+        """The precision texts of ``kind`` ("query" or "passage") are embedded in."""
+        if kind not in ("query", "passage"):
+            raise ValueError(f"kind {kind!r}: expected 'query' or 'passage'")
+        return self.query_dtype if kind == "query" else self.dtype
+
+    def autocast(self, kind: str = "passage"):
+        dtype = self.compute_dtype(kind)
+        if dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=dtype)

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from retriever.modeling.device import Placement
+from retriever.modeling.device import Placement, named_dtype
 from retriever.modeling.registry import EncoderDefaults, ResolvedModel, resolve_model
 from retriever.modeling.pooling import POOLINGS, embed
 from retriever.modeling.prompts import PROMPT_MODES, Template, one_word_template, with_instruction
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 RECORDED = "recorded"  # field metadata: the resolved value is in Encoder.settings()
+PRECISIONS = {"dtype", "query_dtype"}  # recorded as resolved on the machine, never replayed
 
 
 def _option(default, help_: str, recorded: bool = True, **metadata):
@@ -56,7 +57,11 @@ class EncoderConfig:
     prompt: str = _option("none", "none | one-word (zero-shot LLM prompt)",
                           choices=list(PROMPT_MODES))
     device: str = _option("auto", "auto | cpu | cuda[:N]", recorded=False)
-    dtype: str = _option("auto", "auto | float32 | bfloat16 | float16")
+    dtype: str = _option("auto", "auto | float32 | bfloat16 | float16: passages' precision "
+                                 "(auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
+    query_dtype: str = _option("auto", "auto | float32 | bfloat16 | float16: queries' precision "
+                                       "(auto: float32 on CPU, so a served answer does not "
+                                       "depend on threads or batching; on CUDA the passages')")
     batch_size: int = _option(64, "max texts per forward pass", recorded=False)
     max_tokens_per_batch: int = _option(16384, "token budget per forward pass (texts x longest)",
                                         recorded=False)
@@ -64,12 +69,15 @@ class EncoderConfig:
     @classmethod
     def replaying(cls, settings: dict, model: str | None = None) -> "EncoderConfig":
         """The config that embeds like recorded :meth:`Encoder.settings` (e.g. queries for an
-        index); ``model`` replaces the recorded one, the precision is this machine's own."""
-        recorded = {f.name for f in fields(cls) if f.metadata[RECORDED]} - {"dtype"}
+        index); ``model`` replaces the recorded one, the precisions (passages' and queries')
+        are this machine's own."""
+        recorded = {f.name for f in fields(cls) if f.metadata[RECORDED]} - PRECISIONS
         given = {k: settings[k] for k in recorded if settings.get(k) is not None}
         return cls(**{**given, "model": model or settings["model"]})
 
     def __post_init__(self):
+        for name in PRECISIONS:
+            named_dtype(getattr(self, name), name)  # a bad name fails here, naming the option
         if self.pooling is not None and self.pooling not in POOLINGS + ("eos",):
             raise ValueError(f"pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
         if self.prompt not in PROMPT_MODES:
@@ -144,7 +152,7 @@ class Encoder:
             pick(config.query_prefix, "" if one_word else d.query_prefix), config.instruction)
         self.passage_prefix = pick(config.passage_prefix, "" if one_word else d.passage_prefix)
         self.append_eos = d.append_eos and self.pooling == "last" and not one_word
-        self.placement = Placement.resolve(config.device, config.dtype)
+        self.placement = Placement.resolve(config.device, config.dtype, config.query_dtype)
         self.tokenizer = self._load_tokenizer()
         self.model = self._load_model()
         self.templates: dict[str, Template] = {}
@@ -194,7 +202,8 @@ class Encoder:
         """Everything that decides the vectors, for manifests and cache keys: the recorded
         EncoderConfig fields as resolved for this model, its weights' hash, EOS and dims."""
         resolved = {"model": self.resolved.name, "prompt": self.config.prompt,
-                    "dtype": str(self.placement.dtype).replace("torch.", "")}
+                    "dtype": str(self.placement.dtype).replace("torch.", ""),
+                    "query_dtype": str(self.placement.query_dtype).replace("torch.", "")}
         recorded = {f.name: resolved[f.name] if f.name in resolved else getattr(self, f.name)
                     for f in fields(EncoderConfig) if f.metadata[RECORDED]}
         if recorded.get("dims") is None:
@@ -241,20 +250,21 @@ class Encoder:
                 if k in ("input_ids", "attention_mask")}
 
     @torch.inference_mode()
-    def encode_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """Embed pre-tokenized rows; output order matches input order."""
+    def encode_ids(self, rows: Sequence[Sequence[int]], kind: str = "passage") -> np.ndarray:
+        """Embed pre-tokenized rows of ``kind`` (its precision: ``Placement.compute_dtype``);
+        output order matches input order."""
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
         lengths = [len(r) for r in rows]
         for batch in token_budget_batches(lengths, self.config.batch_size,
                                           self.config.max_tokens_per_batch):
             tensors = self.pad([rows[i] for i in batch])
-            with self.placement.autocast():
+            with self.placement.autocast(kind):
                 vectors = self.embed(tensors["input_ids"], tensors["attention_mask"])
             out[batch] = vectors.float().cpu().numpy()
         return out
 
     def encode(self, texts: Sequence[str], kind: str) -> np.ndarray:
-        return self.encode_ids(self.tokenize(texts, kind))
+        return self.encode_ids(self.tokenize(texts, kind), kind)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts, "query")

@@ -11,8 +11,9 @@ Compared (:data:`MUST_MATCH`): the weights' content identity (``model_hash``,
 ``ResolvedModel.fingerprint``; the model name when a side recorded no hash), pooling,
 normalisation, the one-word prompt, the query prefix (instruction included) and query max
 length, the appended EOS and the vector dimension. Recorded only: the passage prefix and max
-length (they shaped the stored vectors, not the query's) and the dtype (a float32 CPU query
-encoder searching bfloat16 GPU embeddings runs the same model). A field the index did not
+length (they shaped the stored vectors, not the query's) and the precisions ``dtype`` and
+``query_dtype`` (a float32 CPU query encoder searching bfloat16 GPU embeddings runs the same
+model). A field the index did not
 record (an older manifest) is not compared. ``allow_asymmetric`` says the difference is
 intended (an asymmetric query encoder, e.g. a distilled query tower): it is logged, not refused.
 """

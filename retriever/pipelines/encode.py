@@ -118,8 +118,9 @@ PassageTokenizer = WeightlessEncoder  # the tokenize stage's Encoder: no weights
 
 def shard_key(settings: dict, options: EncodeOptions) -> str:
     """What a finished shard must match to be reused: everything that decides its vectors
-    and its rows, with the dtype as requested (the one used depends on the hardware)."""
-    data = {k: v for k, v in settings.items() if k != "dtype"}
+    and its rows, with the dtype as requested (the one used depends on the hardware; the
+    queries' precision decides no passage vector)."""
+    data = {k: v for k, v in settings.items() if k not in ("dtype", "query_dtype")}
     data.update(requested_dtype=options.encoder.dtype, requested_device=options.encoder.device,
                 embedding_dtype=options.embedding_dtype, docs_per_shard=options.docs_per_shard,
                 on_bad_input=options.on_bad_input, format=embeddings.FORMAT,

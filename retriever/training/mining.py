@@ -39,11 +39,11 @@ from retriever.modeling.encoder import EncoderConfig
 class MiningConfig:
     """How candidates are found, filtered, fused and sampled. The dense model's options are the
     Encoder's own, named ``dense_*``: ``dense_model`` ('none': no dense candidates),
-    ``dense_batch_size``, ``dense_dtype``."""
+    ``dense_batch_size``, ``dense_dtype``, ``dense_query_dtype``."""
 
     bm25_depth: int = field(default=100, metadata={"help": "BM25 candidates per query (0: off)"})
     dense: EncoderConfig = flat(EncoderConfig, prefix="dense_",
-                                only=("model", "batch_size", "dtype"))
+                                only=("model", "batch_size", "dtype", "query_dtype"))
     dense_depth: int = field(default=100, metadata={"help": "dense candidates per query"})
     num_negatives: int = field(default=16, metadata={"help": "negatives kept per query"})
     window_start: int = field(default=0, metadata={
