@@ -22,6 +22,19 @@ Isolation from other Ray users on the same machine (tests calling ``ray.init()``
   ``--node-ip-address`` to the machine's routable address and Ray's gRPC servers (GCS, raylet,
   object manager) bind all interfaces; Ray 2.x has no option to confine them to loopback.
 
+Starting on a loaded machine: Ray's start-up waits are sized for an idle machine, and a node's
+processes share its session, so Linux's per-session CPU share (autogroup) gives the whole node
+one share next to each busy session of other users. Waits Ray lets us size are raised in every
+node's environment (:data:`START_WAITS`; `ray start`, the raylet, the autoscaler's fake nodes
+and job drivers read them). One is fixed: a new raylet waits 15 s for its dashboard agent (a
+Python process, slow to import on a busy machine) to write its port files, then aborts ("Timed
+out waiting for file .../metrics_agent_port_<node id>"; ``RAY_agent_register_timeout_ms`` does
+not change it in Ray 2.60, checked); the node never registers and `ray start` gives up after
+``RAY_raylet_start_wait_time_s`` (30 s). :func:`up` watches the raylet logs for that abort,
+stops the attempt at once (no Ray process of it left) and starts afresh, up to
+``start_attempts`` times, which rides out a load spike but not a lasting overload; the last
+failure names the node, what its raylet waited for, the load average and the log folder.
+
 Placement: every node advertises custom resources -- the head ``{"head": 1}``, worker *i*
 ``{"worker": 1, "worker_<i>": 1}`` -- so a job or task can be pinned with e.g.
 ``entrypoint_resources={"worker_0": 0.01}`` (fractional amounts let many share a node).
@@ -32,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -78,6 +92,7 @@ class LocalClusterConfig:
     autoscale_from: str | None = None
     fake_nodes: autoscale.FakeNodeSizes = field(default_factory=autoscale.FakeNodeSizes)
     autoscaler_update_s: float = 1.0  # how often the autoscaler looks (Ray's default: 5)
+    start_attempts: int = 3  # fresh starts after a node failed Ray's fixed start-up waits
 
 
 @dataclass
@@ -121,6 +136,24 @@ class ClusterError(RuntimeError):
     pass
 
 
+class NodeStartFailed(ClusterError):
+    """A node's start failed (its `ray start` exited, or its raylet aborted): worth a retry."""
+
+
+# Ray's start-up waits that a loaded machine overruns, given room (Ray 2.60's defaults in
+# brackets); a value already in the environment wins. RAY_raylet_start_wait_time_s (how long
+# `ray start` and a fake-node launch wait for the raylet to register, 30 s) is left alone: a
+# raylet registers right after its fixed 15 s agent wait or aborts, so a longer value only
+# makes the autoscaler's fake-node launches wait longer for a raylet that is gone.
+START_WAITS = {
+    # a node or driver connecting to the GCS [20 tries, ~1 s apart]
+    "RAY_gcs_server_port_wait_time_s": "60",
+    # the dashboard waiting for each of its module processes (the Job API's among them) to
+    # import and start [30 s]; nine start at once, with the head's other processes
+    "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "120",
+}
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -162,6 +195,8 @@ def _node_env() -> dict[str, str]:
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(key, None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    for key, value in START_WAITS.items():
+        env.setdefault(key, value)
     # Job entrypoints run `python ...` through a shell on the cluster: make that the python of
     # this environment, which already has the project's dependencies.
     bindir = str(Path(sys.executable).parent)
@@ -262,18 +297,49 @@ def _is_ours(node: NodeProcess) -> bool:
     return ct is not None and abs(ct - node.create_time) < 2.0
 
 
-def _wait(predicate, timeout: float, what: str, nodes: list[NodeProcess]) -> None:
+def _raylet_abort(session_logs: Path) -> str | None:
+    """What a raylet of this session aborted on, if one has: Ray's fixed waits inside the
+    raylet end in a failed check (a ``C``-level line in its log), which `ray start` only
+    notices when its own, longer wait for the node runs out."""
+    for log in sorted(session_logs.glob("raylet*.out")):
+        with contextlib.suppress(OSError):
+            for line in log.read_text(errors="replace").splitlines():
+                if "Check failed" not in line:
+                    continue
+                waited = line.split("Timed out waiting for file ", 1)
+                if len(waited) == 2:  # .../<port name>_<node id>
+                    port = os.path.basename(waited[1].strip()).rsplit("_", 1)[0]
+                    return (f"{log.name}: the raylet gave up waiting for its agents to write "
+                            f"{port} (Ray waits a fixed 15 s for the dashboard agent, a Python "
+                            "process that starts slowly on a busy machine)")
+                return f"{log.name}: {line.split('Check failed: ', 1)[-1][:300]}"
+    return None
+
+
+def _load() -> str:
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
+def _wait(predicate, timeout: float, what: str, nodes: list[NodeProcess],
+          session_logs: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for node in nodes:
             if not _pid_alive(node.pid):
-                raise ClusterError(f"`ray start` for {node.role} exited while waiting for {what}:"
-                                   f"\n{_tail(node.log)}")
+                tail = _tail(node.log)
+                # Ray's start-up timeouts are worth another attempt; a refused setting is not.
+                error = NodeStartFailed if "timed out" in tail.lower() else ClusterError
+                raise error(f"`ray start` for {node.role} exited while waiting for {what} "
+                            f"({_load()}):\n{tail}")
+        aborted = session_logs and _raylet_abort(session_logs)
+        if aborted:
+            raise NodeStartFailed(f"a raylet aborted while waiting for {what} ({_load()}): "
+                                  f"{aborted}")
         with contextlib.suppress(Exception):
             if predicate():
                 return
         time.sleep(0.5)
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what} ({_load()})")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -338,7 +404,10 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
     """Start a head and ``config.workers`` workers on 127.0.0.1; return once all are ALIVE.
 
     Refuses to start if the state file names a cluster that is still running. On any failure
-    the nodes started so far are stopped again before the error propagates.
+    the nodes started so far are stopped again before the error propagates. A failed node
+    start (:class:`NodeStartFailed`: a `ray start` exited or a raylet aborted, Ray's fixed
+    start-up waits overrun on a busy machine) is tried again from scratch, up to
+    ``config.start_attempts`` attempts in all; the last failure is raised.
     """
     cfg = config or LocalClusterConfig()
     if cfg.autoscale_from and cfg.workers:
@@ -351,8 +420,27 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
             raise ClusterError(f"a local cluster is already running ({existing.dashboard_url}); "
                                f"state in {state_path}: run `retriever cluster down --local` first")
         Path(state_path).unlink(missing_ok=True)
+    attempts = max(1, cfg.start_attempts)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start(cfg, state_path)
+        except NodeStartFailed as exc:
+            failure = exc
+            if attempt < attempts:
+                logging.getLogger(__name__).warning(
+                    "local cluster: start attempt %d of %d failed, starting afresh: %s",
+                    attempt, attempts, exc)
+    raise NodeStartFailed(f"the local cluster did not start in {attempts} attempt(s); the "
+                          f"last one: {failure}") from failure
+
+
+def _start(cfg: LocalClusterConfig, state_path: str) -> LocalCluster:
+    """One attempt of :func:`up`; on failure nothing of it is left running."""
     temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
     os.makedirs(temp_dir, exist_ok=True)
+    # The head links it to its new session: a link left by an earlier attempt must not be read.
+    Path(temp_dir, "session_latest").unlink(missing_ok=True)
+    logs = Path(temp_dir, "session_latest", "logs")
     gcs_port, dash_port, client_port, *agent_ports = _free_ports(3 + cfg.workers + 1)
     env = _node_env()
     env["RAY_AUTH_MODE"] = auth = _auth_mode()
@@ -376,7 +464,7 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
             "head", head_res, temp_dir, env))
         _save_state(cluster)  # from here on `down` can clean up even if we die
         _wait(lambda: len(alive_nodes(cluster.dashboard_url)) >= 1, cfg.timeout_s,
-              "the head node", cluster.nodes)
+              "the head node", cluster.nodes, logs)
         for i in range(cfg.workers):
             res = {"worker": 1.0, f"worker_{i}": 1.0, **cfg.worker_resources}
             cluster.nodes.append(_start_node(
@@ -387,11 +475,13 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
                 f"worker_{i}", res, temp_dir, env))
             _save_state(cluster)
         _wait(lambda: len(alive_nodes(cluster.dashboard_url)) >= 1 + cfg.workers, cfg.timeout_s,
-              f"{1 + cfg.workers} nodes", cluster.nodes)
+              f"{1 + cfg.workers} nodes", cluster.nodes, logs)
         _wait(lambda: _http_json(f"{cluster.dashboard_url}/api/version") is not None,
-              cfg.timeout_s, "the Job API", cluster.nodes)
-    except BaseException:
-        down(state_path, keep_temp=True)
+              cfg.timeout_s, "the Job API", cluster.nodes, logs)
+    except BaseException as exc:
+        down(state_path, grace_s=5, keep_temp=True)  # a failed start: no need to be gentle
+        if isinstance(exc, ClusterError):
+            raise type(exc)(f"{exc}\n(Ray's logs: {logs.resolve()})") from exc
         raise
     return cluster
 
