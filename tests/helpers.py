@@ -1,5 +1,6 @@
 """Shared paths for tests: the real collections live beside the checkout, never inside it;
-and ``served``: an ASGI app on a loopback port for the browser tests."""
+``small_collection``: a slice of one of them, written as a BEIR folder; and ``served``: an
+ASGI app on a loopback port for the browser tests."""
 
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,36 @@ def dataset(name: str) -> str:
         raise FileNotFoundError(f"{path} is missing: the shared test collections must sit at "
                                 f"{DATASETS}")
     return str(path)
+
+
+def small_collection(folder: Path, name: str = "medline", docs: int = 120) -> str:
+    """A BEIR folder under ``folder``: collection ``name``'s judged queries over ``docs`` of its
+    documents, judged ones first (small: MiniLM encodes 120 in seconds); qrels keep the pairs
+    whose document is kept."""
+    import gzip
+    import json
+
+    from retriever.io.formats import load_dataset
+
+    data = load_dataset(dataset(name))
+    judged = {doc for pairs in data.qrels.values() for doc in pairs}
+    keep = [i for i, doc in enumerate(data.corpus.ids) if doc in judged][:docs - docs // 6]
+    taken = set(keep)
+    keep += [i for i in range(len(data.corpus)) if i not in taken][:docs - len(keep)]
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / "corpus.jsonl.gz", "wt") as handle:
+        for i in sorted(keep):
+            handle.write(json.dumps({"_id": data.corpus.ids[i], "title": data.corpus.titles[i],
+                                     "text": data.corpus.texts[i]}) + "\n")
+    kept = {data.corpus.ids[i] for i in keep}
+    with gzip.open(folder / "queries.jsonl.gz", "wt") as handle:
+        for qid, text in data.judged_queries().items():
+            handle.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    (folder / "qrels").mkdir(exist_ok=True)
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{g}" for q, pairs in data.qrels.items()
+                                             for d, g in pairs.items() if d in kept]
+    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return str(folder)
 
 
 @contextmanager

@@ -69,7 +69,7 @@ def server(pytestconfig, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # its fixture may be the run's first SciFact encoding: 2-5 min here
 def test_page_asks_for_the_token_then_shows_ranked_results(server):
     import httpx
     from playwright.sync_api import sync_playwright

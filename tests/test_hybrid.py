@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gzip
 import re
 import json
 
@@ -20,6 +19,7 @@ from retriever.index.fusion import FusionConfig, fuse, hybrid_dense_model
 from retriever.index.ranking import order
 from retriever.io import store
 from retriever.io.formats import load_dataset
+from tests import helpers
 from tests.helpers import dataset
 from tests.index_fixtures import write_embeddings
 
@@ -169,26 +169,7 @@ def test_matrix_cell_keys_differ_by_fusion_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_collection(tmp_path_factory):
-    """Medline's 30 queries over 120 of its documents, most of them judged for them (small:
-    MiniLM encodes them in seconds)."""
-    data = load_dataset(dataset("medline"))
-    judged = {doc for pairs in data.qrels.values() for doc in pairs}
-    keep = [i for i, doc in enumerate(data.corpus.ids) if doc in judged][:100]
-    keep += [i for i in range(len(data.corpus)) if i not in set(keep)][:120 - len(keep)]
-    folder = tmp_path_factory.mktemp("medline-small")
-    with gzip.open(folder / "corpus.jsonl.gz", "wt") as handle:
-        for i in sorted(keep):
-            handle.write(json.dumps({"_id": data.corpus.ids[i], "title": data.corpus.titles[i],
-                                     "text": data.corpus.texts[i]}) + "\n")
-    kept = {data.corpus.ids[i] for i in keep}
-    with gzip.open(folder / "queries.jsonl.gz", "wt") as handle:
-        for qid, text in data.judged_queries().items():
-            handle.write(json.dumps({"_id": qid, "text": text}) + "\n")
-    (folder / "qrels").mkdir()
-    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{g}" for q, pairs in data.qrels.items()
-                                             for d, g in pairs.items() if d in kept]
-    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
-    return str(folder)
+    return helpers.small_collection(tmp_path_factory.mktemp("medline-small"))
 
 
 def test_eval_hybrid_gives_a_hybrid_row(small_collection, tmp_path, capsys):
