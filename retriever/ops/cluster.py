@@ -420,23 +420,28 @@ def up(config: LocalClusterConfig | None = None) -> LocalCluster:
             raise ClusterError(f"a local cluster is already running ({existing.dashboard_url}); "
                                f"state in {state_path}: run `retriever cluster down --local` first")
         Path(state_path).unlink(missing_ok=True)
-    attempts = max(1, cfg.start_attempts)
+    attempts, failed_dirs = max(1, cfg.start_attempts), []
     for attempt in range(1, attempts + 1):
+        temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
         try:
-            return _start(cfg, state_path)
+            cluster = _start(cfg, state_path, temp_dir)
         except NodeStartFailed as exc:
             failure = exc
+            failed_dirs.append(temp_dir)
             if attempt < attempts:
                 logging.getLogger(__name__).warning(
                     "local cluster: start attempt %d of %d failed, starting afresh: %s",
                     attempt, attempts, exc)
+            continue
+        for failed in failed_dirs if not cfg.temp_dir else []:  # logs of attempts recovered from
+            shutil.rmtree(failed, ignore_errors=True)
+        return cluster
     raise NodeStartFailed(f"the local cluster did not start in {attempts} attempt(s); the "
                           f"last one: {failure}") from failure
 
 
-def _start(cfg: LocalClusterConfig, state_path: str) -> LocalCluster:
+def _start(cfg: LocalClusterConfig, state_path: str, temp_dir: str) -> LocalCluster:
     """One attempt of :func:`up`; on failure nothing of it is left running."""
-    temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
     os.makedirs(temp_dir, exist_ok=True)
     # The head links it to its new session: a link left by an earlier attempt must not be read.
     Path(temp_dir, "session_latest").unlink(missing_ok=True)
