@@ -8,7 +8,7 @@ import yaml
 from jobs import eval as single
 from jobs import evaluate
 from retriever.evaluation.matrix import DatasetSpec, ModelSpec
-from tests.helpers import dataset
+from tests.helpers import small_collection
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +22,20 @@ def ray_local():
 
 @pytest.mark.slow
 def test_matrix_report_equals_single_runs_and_reuses(tmp_path, monkeypatch, ray_local):
+    """On a 120-document slice of Medline (the whole collection made this test 3 min)."""
     monkeypatch.setenv("RETRIEVER_STORE", str(tmp_path / "store"))
+    medline = small_collection(tmp_path / "medline")
     config_file = tmp_path / "matrix.yaml"
     config_file.write_text(yaml.safe_dump({
         "matrix_id": "t", "baseline": "bm25", "out": str(tmp_path / "out"),
         "models": ["bm25", {"name": "minilm", "model": "minilm", "dtype": "float32"}],
-        "datasets": [dataset("medline")]}))
+        "datasets": [medline]}))
     records, markdown = evaluate.run(evaluate.cfg.parse(evaluate.MatrixConfig,
                                                         ["--config", str(config_file)], "t"))
     assert [r.reused for r in records] == [False, False]
     for record in records:
         reference = single.run(evaluate.cfg.build(single.EvalConfig, dict(
-            dataset=dataset("medline"), model="minilm" if record.model == "minilm" else "bm25",
+            dataset=medline, model="minilm" if record.model == "minilm" else "bm25",
             dtype="float32", out=str(tmp_path / "single" / record.model))))
         for key in ("ndcg@10", "mrr@10", "recall@100", "recall@1000"):
             assert record.metrics[key] == pytest.approx(reference[key], abs=1e-4), key
@@ -43,7 +45,7 @@ def test_matrix_report_equals_single_runs_and_reuses(tmp_path, monkeypatch, ray_
     assert "<table>" in (out / "report.html").read_text()
     provenance = json.loads((out / "minilm" / "medline" / "provenance.json").read_text())
     assert provenance["model_hash"] and provenance["dataset_hash"]
-    assert provenance["throughput"]["docs"] == 1033
+    assert provenance["throughput"]["docs"] == 120
     again, _ = evaluate.run(evaluate.cfg.parse(evaluate.MatrixConfig,
                                                ["--config", str(config_file)], "t"))
     assert [r.reused for r in again] == [True, True]
