@@ -21,7 +21,11 @@ RSS without that effect, at some speed cost. ::
 
 ``--grad-cache-chunk N`` measures every strategy twice, without and with GradCache (chunks of N
 texts), and prints GradCache's peak memory per worker and samples/s as ratios to the same
-strategy without it (the effective batch is the same: per-device batch x workers).
+strategy without it (the effective batch is the same: per-device batch x workers). A run that
+fails -- at an effective batch of 256 on MiniLM, the one without GradCache runs out of memory
+on a 24 GB machine -- is printed as FAILED with the reason, and the others still run; on a
+shared machine, ``RAY_memory_usage_threshold=0.85`` makes this Ray kill its own workers before
+the machine's memory runs out for everyone.
 
 Training examples: ``--train-data`` (a training-examples file or `retriever mine` folder), or
 synthetic ones built from a shared collection's judged queries (``--synthetic-from``, default
@@ -142,27 +146,65 @@ def main(argv: list[str] | None = None) -> int:
             for chunk in (None, args.grad_cache_chunk) if args.grad_cache_chunk else (None,):
                 print(f"measuring {strategy} (GradCache chunk {chunk}) ...", file=sys.stderr,
                       flush=True)
-                rows.append(measure(strategy, args, train_data, root, chunk))
-                row = rows[-1]  # as measured, so that a run cut short still shows it
-                print(f"measured {row['strategy']}: {row['samples_per_s']:.2f} samples/s, "
-                      f"train peak MiB/worker {row['peak_memory_mb']}", file=sys.stderr,
-                      flush=True)
+                rows.append(measured_or_failed(strategy, args, train_data, root, chunk))
     ray.shutdown()
     if args.grad_cache_chunk:
         print_grad_cache(rows, args)
+    print_strategies([r for r in rows if not r["grad_cache_chunk"]], args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
 
-    rows = [r for r in rows if not r["grad_cache_chunk"]]
-    peer = next((r for r in rows if r["strategy"] == "ddp"), rows[-1])
+
+def measured_or_failed(strategy: str, args, train_data: str, root: Path,
+                       chunk: int | None) -> dict:
+    """:func:`measure`'s row, or one saying why the run failed (e.g. no GradCache at a batch
+    whose activations do not fit: Ray's memory monitor kills the workers); printed as it
+    finishes, so that a run cut short still shows it."""
+    try:
+        row = measure(strategy, args, train_data, root, chunk)
+    except Exception as err:  # noqa: BLE001 - a failed configuration is a result too
+        text = str(err)
+        reason = next((line.strip() for line in text.splitlines() if "low on memory" in line),
+                      None)
+        workers = [line.split()[1] for line in text.splitlines()
+                   if line.split()[1:2] and line.strip().endswith("ray::RayTrainWorker")]
+        if reason and workers:  # Ray's table of the largest processes when it killed them
+            reason += f"; training workers then held {', '.join(workers)} GB"
+        row = {"strategy": strategy + (f"+gc{chunk}" if chunk else ""), "base": strategy,
+               "grad_cache_chunk": chunk,
+               "failed": (f"out of memory: {reason}" if reason else
+                          f"{type(err).__name__}: {text.strip().splitlines()[0][:300]}")}
+        print(f"FAILED {row['strategy']}: {row['failed']}", file=sys.stderr, flush=True)
+        return row
+    print(f"measured {row['strategy']}: {row['samples_per_s']:.2f} samples/s, train peak "
+          f"MiB/worker {row['peak_memory_mb']}", file=sys.stderr, flush=True)
+    return row
+
+
+def _failed_line(row: dict) -> str:
+    return f"{row['strategy']:<10}  FAILED: {row['failed']}"
+
+
+def print_strategies(rows: list[dict], args) -> None:
+    """The strategies side by side, as ratios to DDP (else the last one measured)."""
+    done = [r for r in rows if "failed" not in r]
+    peer = next((r for r in done if r["strategy"] == "ddp"), done[-1] if done else None)
     print(f"\nmodel {args.model}, {args.workers} workers, {args.per_device_batch_size} queries x "
           f"{args.group_size} passages per worker per step, passages <= "
-          f"{args.passage_max_length} tokens, {args.steps} steps; ratios against "
-          f"{peer['strategy']} measured in this run")
+          f"{args.passage_max_length} tokens, {args.steps} steps" +
+          (f"; ratios against {peer['strategy']} measured in this run" if peer else ""))
+    for r in rows:
+        if "failed" in r:
+            print(_failed_line(r))
+    if not done:
+        return
     header = (f"{'strategy':<8}  {'samples/s':>10}  {'x peer':>7}  "
               f"{'train peak MiB/worker':>22}  {'x peer':>7}  {'lifetime peak MiB':>18}  "
               f"{'params held per worker':>24}")
     print(header)
     print("-" * len(header))
-    for r in rows:
+    for r in done:
         mem = max(r["peak_memory_mb"])
         peer_mem = max(peer["peak_memory_mb"])
         print(f"{r['strategy']:<8}  {r['samples_per_s']:>10.2f}  "
@@ -171,17 +213,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{mem / peer_mem:>7.2f}  "
               f"{' / '.join(f'{m:.0f}' for m in r['peak_rss_lifetime_mb']):>18}  "
               f"{' / '.join(f'{h / 1e6:.1f}M' for h in r['params_held']):>24}")
-    same = all(max(abs(a - b) for a, b in zip(r["losses"], rows[0]["losses"])) <= 1e-4
-               for r in rows)
+    same = all(max(abs(a - b) for a, b in zip(r["losses"], done[0]["losses"])) <= 1e-4
+               for r in done)
     print(f"\nlosses per step {'agree (1e-4)' if same else 'DIFFER'} across strategies: "
-          + "; ".join(f"{r['strategy']} {r['losses']}" for r in rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+          + "; ".join(f"{r['strategy']} {r['losses']}" for r in done))
 
 
 def print_grad_cache(rows: list[dict], args) -> None:
-    """GradCache against the same strategy without it, measured in this run."""
+    """GradCache against the same strategy without it, measured in this run (``n/a`` where
+    the run without it failed)."""
     print(f"\nGradCache (chunks of {args.grad_cache_chunk} texts), effective batch "
           f"{args.per_device_batch_size * args.workers} queries x {args.group_size} passages; "
           "ratios against the same strategy without GradCache in this run (a shared, busy "
@@ -191,12 +231,20 @@ def print_grad_cache(rows: list[dict], args) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        if "failed" in r:
+            print(_failed_line(r))
+            continue
         peer = next(p for p in rows if p["base"] == r["base"] and not p["grad_cache_chunk"])
-        same = max(abs(a - b) for a, b in zip(r["losses"], peer["losses"])) <= 1e-4
-        print(f"{r['strategy']:<10}  {r['samples_per_s']:>10.2f}  "
-              f"{r['samples_per_s'] / peer['samples_per_s']:>9.2f}  "
-              f"{' / '.join(f'{m:.0f}' for m in r['peak_memory_mb']):>22}  "
-              f"{max(r['peak_memory_mb']) / max(peer['peak_memory_mb']):>9.2f}  {same}")
+        if "failed" in peer:
+            ratios = (f"{'n/a':>9}", f"{'n/a':>9}", "n/a")
+        else:
+            ratios = (f"{r['samples_per_s'] / peer['samples_per_s']:>9.2f}",
+                      f"{max(r['peak_memory_mb']) / max(peer['peak_memory_mb']):>9.2f}",
+                      str(max(abs(a - b) for a, b in zip(r["losses"], peer["losses"]))
+                          <= 1e-4))
+        print(f"{r['strategy']:<10}  {r['samples_per_s']:>10.2f}  {ratios[0]}  "
+              f"{' / '.join(f'{m:.0f}' for m in r['peak_memory_mb']):>22}  {ratios[1]}  "
+              f"{ratios[2]}")
 
 
 if __name__ == "__main__":
