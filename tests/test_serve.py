@@ -231,10 +231,12 @@ def _ids(hits: list[dict]) -> list[str]:
 
 def _same_ranking(got: list[dict], want: list[tuple[str, float]], tol: float = 1e-5) -> None:
     """The same ranking but for numeric noise of size ``tol``: rank by rank the scores agree
-    within ``tol``, and a document in one list but not the other sits within ``tol`` of the
-    cut-off (two documents may swap only where their scores are that close). ``tol`` 1e-5:
-    FAISS scores a batch with BLAS and one query with SIMD loops (the last bits differ); for
-    texts, a bf16 encoder's vectors of a query alone and in a padded batch differ by ~1e-3."""
+    within ``tol``, so does each document's own score, and a document in one list but not the
+    other sits within ``tol`` of the cut-off (two documents may swap only where their scores
+    are that close). ``tol`` 1e-5:
+    FAISS scores a batch with BLAS and one query with SIMD loops (the last bits differ), and
+    queries are embedded in fp32 (``EncoderConfig.query_dtype``), so a query's vector alone and
+    in a padded batch differ by ~1e-7 (they differed by ~1e-3 under bf16 autocast)."""
     assert len(got) == len(want)
     scores = [h["score"] for h in got]
     assert scores == pytest.approx([s for _, s in want], abs=tol)
@@ -242,8 +244,8 @@ def _same_ranking(got: list[dict], want: list[tuple[str, float]], tol: float = 1
     mine, theirs = {h["doc_id"]: h["score"] for h in got}, dict(want)
     for doc_id in set(mine) ^ set(theirs):
         assert mine.get(doc_id, theirs.get(doc_id)) <= cut + 2 * tol, doc_id
-    if tol <= 1e-5:  # no encoder noise: the same order too, but for exact ties
-        assert _ids(got) == [d for d, _ in want] or scores == sorted(scores, reverse=True)
+    for doc_id in set(mine) & set(theirs):  # moved only among scores within tol of its own
+        assert mine[doc_id] == pytest.approx(theirs[doc_id], abs=tol), doc_id
 
 
 @pytest.mark.slow
@@ -255,10 +257,9 @@ def test_a_batch_of_100_queries_answers_as_100_single_requests(app, scifact):
         batch = _search(app.client, **{key: inputs}, top_k=10)
         assert len(batch["results"]) == 100 and "hits" not in batch
         assert batch["partial"] is False and batch["shards"] == 4 and batch["top_k"] == 10
-        tol = 3e-3 if key == "queries" else 1e-5  # texts: bf16 encoder noise (see above)
         for got, item in zip(batch["results"], inputs):  # one at a time: a batch of one
             one = _search(app.client, **single(item), top_k=10)
-            _same_ranking(got["hits"], [(h["doc_id"], h["score"]) for h in one["hits"]], tol)
+            _same_ranking(got["hits"], [(h["doc_id"], h["score"]) for h in one["hits"]])
             assert [h["rank"] for h in got["hits"]] == list(range(1, 11))
             assert got["hits"][0]["title"] == one["hits"][0]["title"]
 
@@ -282,17 +283,39 @@ class CachedEncoder:
         return self.scifact.query_vectors
 
 
+def _explained_by_a_dense_tie(got: list[dict], served_dense: list[dict],
+                              offline_dense: list[tuple[str, float]],
+                              bm25: list[tuple[str, float]], fusion) -> bool:
+    """True only when a served fused ranking that differs from the offline one is exactly the
+    fusion of a dense ranking equal to the offline dense ranking but for the order of documents
+    whose dense scores agree within ``TIE`` (fp32 noise: both sides rank the same query vector,
+    FAISS scores it in blocks of another size). Anything else is a real difference."""
+    from retriever.index.fusion import fuse
+
+    try:
+        _same_ranking(served_dense, offline_dense, TIE)  # order differs only within TIE
+        fused_again = fuse(_pairs({"hits": served_dense}), bm25, len(got), fusion)
+        _same_ranking(got, fused_again)
+        return [h["doc_id"] for h in got] == [d for d, _ in fused_again]
+    except AssertionError:
+        return False
+
+
+TIE = 1e-6  # dense scores this close are a tie within fp32 noise
+
+
 @pytest.mark.slow
 def test_hybrid_and_sparse_answers_equal_the_offline_runs(app, scifact):
-    from retriever.evaluation.retrieval import bm25_run, hybrid_run
-    from retriever.index.fusion import FusionConfig
+    from retriever.evaluation.retrieval import bm25_run, dense_run, hybrid_run
+    from retriever.index.fusion import FusionConfig, depth
 
     data = scifact.dataset
     queries = data.judged_queries()
     texts, qids = list(queries.values()), list(queries)
     answers = {}
-    for mode in ("hybrid", "sparse"):  # all 300 in one request: one encoder batch, as offline
-        answer = _search(app.client, queries=texts, top_k=10, mode=mode)
+    for mode in ("hybrid", "sparse", "dense"):  # all 300 in one request: one encoder batch,
+        top_k = depth(10) if mode == "dense" else 10  # as offline; dense: what hybrid fuses
+        answer = _search(app.client, queries=texts, top_k=top_k, mode=mode)
         assert answer["mode"] == mode and not answer["partial"]
         answers[mode] = [r["hits"] for r in answer["results"]]
     bm25, _ = bm25_run(data, 10)
@@ -301,28 +324,35 @@ def test_hybrid_and_sparse_answers_equal_the_offline_runs(app, scifact):
     answers["weighted"] = [r["hits"] for r in _search(
         app.client, queries=texts, top_k=10, mode="hybrid",
         fusion={"method": "weighted", "weight": 0.7})["results"]]
+    offline_dense, _ = dense_run(CachedEncoder(scifact), data, depth(10))
+    bm25_deep, _ = bm25_run(data, depth(10))
     for mode, fusion in (("hybrid", FusionConfig()),
                          ("weighted", FusionConfig("weighted", weight=0.7))):
         offline, _ = hybrid_run(CachedEncoder(scifact), data, 10, fusion)
-        unequal = []
-        for qid, got in zip(qids, answers[mode]):
-            try:  # weighted fuses normalised scores: the encoder's noise shows in them
-                _same_ranking(got, offline[qid], 1e-5 if fusion.method == "rrf" else 3e-3)
+        unequal, ties = [], []
+        for qid, got, dense in zip(qids, answers[mode], answers["dense"]):
+            try:
+                _same_ranking(got, offline[qid])
             except AssertionError:
-                unequal.append(qid)
+                tie = _explained_by_a_dense_tie(got, dense, offline_dense[qid], bm25_deep[qid],
+                                                fusion)
+                (ties if tie else unequal).append(qid)
         http = {q: [(h["doc_id"], h["score"]) for h in hits]
                 for q, hits in zip(qids, answers[mode])}
         http_ndcg, offline_ndcg = (evaluate(data.qrels, run)["ndcg@10"] for run in (http,
                                                                                  offline))
-        print(f"SciFact hybrid {fusion.settings()}: NDCG@10 HTTP {http_ndcg:.4f}, offline "
-              f"{offline_ndcg:.4f}; {300 - len(unequal)} of 300 rankings equal")
-        # In one process (LocalBackend, same torch threads) all 300 rankings are equal
-        # (checked 2026-11-30). The QueryEncoder replica runs torch on its one CPU thread,
-        # the offline encoder on all of them: bf16 GEMMs blocked otherwise give ~1e-3
-        # different query vectors, which swap dense neighbours whose scores are that close,
-        # and so their fused ranks (27 of 300 rankings on 2026-11-30, NDCG@10 +0.0013).
-        assert len(unequal) <= 45, unequal
-        assert http_ndcg == pytest.approx(offline_ndcg, abs=3e-3)
+        print(f"SciFact hybrid {fusion.settings()}: NDCG@10 HTTP {http_ndcg:.6f}, offline "
+              f"{offline_ndcg:.6f}; {300 - len(unequal) - len(ties)} of 300 rankings equal, "
+              f"{len(ties)} differ only by a dense tie within {TIE:g} {ties}")
+        # Queries are embedded in fp32 (EncoderConfig.query_dtype "auto" on CPU): the replica's
+        # vectors equal the offline ones to fp32 rounding, so every fused ranking is equal. A
+        # ranking may differ only where two dense scores tie within fp32 noise, and then only
+        # as _explained_by_a_dense_tie proves. (Under bf16 autocast 27 of 300 differed on
+        # 2026-11-30: bf16 query vectors change by ~1e-3 with the batch they are padded in,
+        # 7.7e-4 alone vs in the batch of 300; 1 or 2 torch threads gave the same bits.)
+        assert not unequal, unequal
+        # a query's NDCG@10 is within [0, 1]: each excused ranking moves the mean by <= 1/300
+        assert http_ndcg == pytest.approx(offline_ndcg, abs=len(ties) / 300 + 1e-9)
 
 
 @pytest.mark.slow
@@ -340,11 +370,13 @@ def test_openai_client_gets_the_encoders_vectors(app):
     encoder = Encoder(EncoderConfig(model="minilm"))  # what the index was encoded with
     want = {"query": encoder.encode_queries(texts), "passage": encoder.encode_passages(texts)}
 
-    def close(got, expected):
+    def close(got, expected, kind="query"):
         got = np.asarray(got, np.float32)
         cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(
             expected, axis=1)
         assert got.shape == expected.shape and cosine.min() >= 0.9999, cosine
+        if kind == "query":  # fp32 queries (query_dtype auto on CPU): the same to fp32 rounding
+            assert np.abs(got - expected).max() < 1e-6
 
     default = client.embeddings.create(model="minilm", input=texts)  # base64, decoded by it
     close([d.embedding for d in default.data], want["query"])
@@ -354,7 +386,7 @@ def test_openai_client_gets_the_encoders_vectors(app):
     raw = client.embeddings.create(model="minilm", input=texts, encoding_format="base64",
                                    extra_body={"input_type": "passage"})
     close([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in raw.data],
-          want["passage"])
+          want["passage"], "passage")  # bf16 autocast where the CPU has AMX: ~1e-3
     one = client.embeddings.create(model="minilm", input=texts[0], dimensions=64,
                                    encoding_format="float")
     cut = want["query"][:1, :64] / np.linalg.norm(want["query"][:1, :64])
