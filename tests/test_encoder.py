@@ -55,7 +55,7 @@ def test_bf16_autocast_stays_close_to_fp32(minilm):
     assert cosine.min() > 0.999
 
 
-def _queries(n=32):
+def _queries(n=16):
     return list(load_dataset(dataset("scifact")).judged_queries().values())[:n]
 
 
@@ -72,12 +72,12 @@ def test_queries_default_to_fp32_on_cpu_and_passages_keep_the_machines_policy(mi
 
 
 def test_fp32_query_vectors_do_not_depend_on_batching_or_threads(policy):
-    """A query alone (no padding) and in a padded batch of 32, on 1 and on all threads: the
+    """A query alone (no padding) and in a padded batch of 16, on 1 and on all threads: the
     vectors agree to fp32 rounding (bf16 autocast: ~1e-3, enough to swap close neighbours)."""
     texts = _queries()
     batch = policy.encode_queries(texts)
-    alone = np.vstack([policy.encode_queries([t]) for t in texts[:8]])
-    assert np.abs(alone - batch[:8]).max() < 1e-6
+    alone = np.vstack([policy.encode_queries([t]) for t in texts[:4]])
+    assert np.abs(alone - batch[:4]).max() < 1e-6
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
