@@ -133,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    import ray
-
-    ray.init(log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory(prefix="train-bench-") as scratch:
         root = Path(scratch)
@@ -147,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"measuring {strategy} (GradCache chunk {chunk}) ...", file=sys.stderr,
                       flush=True)
                 rows.append(measured_or_failed(strategy, args, train_data, root, chunk))
-    ray.shutdown()
     if args.grad_cache_chunk:
         print_grad_cache(rows, args)
     print_strategies([r for r in rows if not r["grad_cache_chunk"]], args)
@@ -160,7 +156,11 @@ def measured_or_failed(strategy: str, args, train_data: str, root: Path,
                        chunk: int | None) -> dict:
     """:func:`measure`'s row, or one saying why the run failed (e.g. no GradCache at a batch
     whose activations do not fit: Ray's memory monitor kills the workers); printed as it
-    finishes, so that a run cut short still shows it."""
+    finishes, so that a run cut short still shows it. Each run has a Ray of its own: a failed
+    run's placement group would otherwise keep the next one's workers from starting."""
+    import ray
+
+    ray.init(log_to_driver=False)
     try:
         row = measure(strategy, args, train_data, root, chunk)
     except Exception as err:  # noqa: BLE001 - a failed configuration is a result too
@@ -177,6 +177,8 @@ def measured_or_failed(strategy: str, args, train_data: str, root: Path,
                           f"{type(err).__name__}: {text.strip().splitlines()[0][:300]}")}
         print(f"FAILED {row['strategy']}: {row['failed']}", file=sys.stderr, flush=True)
         return row
+    finally:
+        ray.shutdown()
     print(f"measured {row['strategy']}: {row['samples_per_s']:.2f} samples/s, train peak "
           f"MiB/worker {row['peak_memory_mb']}", file=sys.stderr, flush=True)
     return row
