@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -167,10 +168,12 @@ def measured_or_failed(strategy: str, args, train_data: str, root: Path,
         text = str(err)
         reason = next((line.strip() for line in text.splitlines() if "low on memory" in line),
                       None)
-        workers = [line.split()[1] for line in text.splitlines()
-                   if line.split()[1:2] and line.strip().endswith("ray::RayTrainWorker")]
-        if reason and workers:  # Ray's table of the largest processes when it killed them
-            reason += f"; training workers then held {', '.join(workers)} GB"
+        # this Ray's training workers as its memory monitor listed them (not the node's
+        # other processes: on a shared machine they may be someone else's)
+        workers = re.findall(r"task name=RayTrainWorker[^\n]*?actual memory used=([\d.]+)GB",
+                             text)
+        if reason and workers:
+            reason += f"; its training workers held {', '.join(workers)} GB"
         row = {"strategy": strategy + (f"+gc{chunk}" if chunk else ""), "base": strategy,
                "grad_cache_chunk": chunk,
                "failed": (f"out of memory: {reason}" if reason else
