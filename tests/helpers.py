@@ -1,10 +1,13 @@
 """Shared paths for tests: the real collections live beside the checkout, never inside it;
-``small_collection``: a slice of one of them, written as a BEIR folder; and ``served``: an
-ASGI app on a loopback port for the browser tests."""
+``small_collection``: a slice of one of them, written as a BEIR folder; ``same_ranking``: two
+rankings equal but for numeric noise; and ``served``: an ASGI app on a loopback port for the
+browser tests."""
 
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -46,6 +49,25 @@ def small_collection(folder: Path, name: str = "medline", docs: int = 120) -> st
                                              for d, g in pairs.items() if d in kept]
     (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
     return str(folder)
+
+
+def same_ranking(got: list[dict], want: list[tuple[str, float]], tol: float = 1e-5) -> None:
+    """The same ranking but for numeric noise of size ``tol``: rank by rank the scores agree
+    within ``tol``, so does each document's own score, and a document in one list but not the
+    other sits within ``tol`` of the cut-off (two documents may swap only where their scores
+    are that close). ``tol`` 1e-5:
+    FAISS scores a batch with BLAS and one query with SIMD loops (the last bits differ), and
+    queries are embedded in fp32 (``EncoderConfig.query_dtype``), so a query's vector alone and
+    in a padded batch differ by ~1e-7 (they differed by ~1e-3 under bf16 autocast)."""
+    assert len(got) == len(want)
+    scores = [h["score"] for h in got]
+    assert scores == pytest.approx([s for _, s in want], abs=tol)
+    cut = min(scores[-1], want[-1][1]) if want else 0.0
+    mine, theirs = {h["doc_id"]: h["score"] for h in got}, dict(want)
+    for doc_id in set(mine) ^ set(theirs):
+        assert mine.get(doc_id, theirs.get(doc_id)) <= cut + 2 * tol, doc_id
+    for doc_id in set(mine) & set(theirs):  # moved only among scores within tol of its own
+        assert mine[doc_id] == pytest.approx(theirs[doc_id], abs=tol), doc_id
 
 
 @contextmanager

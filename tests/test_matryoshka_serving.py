@@ -26,8 +26,8 @@ from retriever.index import shards as sh
 from retriever.index.exact import ExactSearcher
 from retriever.io import embeddings
 from retriever.io.formats import load_dataset
-from tests.helpers import dataset
-from tests.test_serve import _same_ranking, free_port
+from retriever.ops.cluster import free_port
+from tests.helpers import dataset, same_ranking
 
 # Issue 14 is open and CI's 30-minute budget is spent (commit aa17241): like the GradCache and
 # Matryoshka tests in test_train.py this suite runs with `-m wip` until CI has room for its
@@ -143,7 +143,7 @@ def test_index_records_the_dims_and_answers_as_exact_search_over_truncated_vecto
     want = ExactSearcher(truncated(served.full_docs), served.ids, use_gpu=False).search(
         queries, 10)
     for hits, exact in zip(got, want):
-        _same_ranking([{"doc_id": d, "score": s} for d, s in pairs(hits)], pairs(exact))
+        same_ranking([{"doc_id": d, "score": s} for d, s in pairs(hits)], pairs(exact))
 
 
 def _post(client: httpx.Client, path: str, body: dict) -> dict:
@@ -168,8 +168,8 @@ def test_serve_encodes_queries_with_the_index_dims_and_ranks_as_exact_search(ser
     by_text = _post(served.client, "/search", {"queries": served.queries, "top_k": 10})
     by_vector = _post(served.client, "/search", {"vectors": queries.tolist(), "top_k": 10})
     for text, vector, want in zip(by_text["results"], by_vector["results"], exact):
-        _same_ranking(vector["hits"], pairs(want))  # the same vectors: FAISS' last bits only
-        _same_ranking(text["hits"], pairs(want))  # fp32 queries: the same, but for ~1e-7
+        same_ranking(vector["hits"], pairs(want))  # the same vectors: FAISS' last bits only
+        same_ranking(text["hits"], pairs(want))  # fp32 queries: the same, but for ~1e-7
 
 
 def test_openai_embeddings_are_the_truncated_vectors(served):

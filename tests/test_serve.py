@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +29,8 @@ from retriever.index.exact import ExactSearcher
 from jobs.serve import APP_NAME
 from serve.api import TOKEN_ENV, make_api
 from serve.fanout import Coalescer, Rankings, ShardAnswer, ShardQuery, fan_out
-from tests.helpers import REPO, dataset
+from retriever.ops.cluster import free_port
+from tests.helpers import REPO, dataset, same_ranking
 from tests.index_fixtures import cache_dir, scifact_minilm
 
 TOKEN = "s3cret-test-token"
@@ -42,12 +42,6 @@ SHARD_TIMEOUT_S = 5.0
 def scifact(pytestconfig, tmp_path_factory):
     cache = cache_dir(pytestconfig, tmp_path_factory)
     return scifact_minilm(cache)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -229,25 +223,6 @@ def _ids(hits: list[dict]) -> list[str]:
     return [h["doc_id"] for h in hits]
 
 
-def _same_ranking(got: list[dict], want: list[tuple[str, float]], tol: float = 1e-5) -> None:
-    """The same ranking but for numeric noise of size ``tol``: rank by rank the scores agree
-    within ``tol``, so does each document's own score, and a document in one list but not the
-    other sits within ``tol`` of the cut-off (two documents may swap only where their scores
-    are that close). ``tol`` 1e-5:
-    FAISS scores a batch with BLAS and one query with SIMD loops (the last bits differ), and
-    queries are embedded in fp32 (``EncoderConfig.query_dtype``), so a query's vector alone and
-    in a padded batch differ by ~1e-7 (they differed by ~1e-3 under bf16 autocast)."""
-    assert len(got) == len(want)
-    scores = [h["score"] for h in got]
-    assert scores == pytest.approx([s for _, s in want], abs=tol)
-    cut = min(scores[-1], want[-1][1]) if want else 0.0
-    mine, theirs = {h["doc_id"]: h["score"] for h in got}, dict(want)
-    for doc_id in set(mine) ^ set(theirs):
-        assert mine.get(doc_id, theirs.get(doc_id)) <= cut + 2 * tol, doc_id
-    for doc_id in set(mine) & set(theirs):  # moved only among scores within tol of its own
-        assert mine[doc_id] == pytest.approx(theirs[doc_id], abs=tol), doc_id
-
-
 @pytest.mark.slow
 def test_a_batch_of_100_queries_answers_as_100_single_requests(app, scifact):
     texts = list(scifact.dataset.judged_queries().values())[:100]
@@ -259,7 +234,7 @@ def test_a_batch_of_100_queries_answers_as_100_single_requests(app, scifact):
         assert batch["partial"] is False and batch["shards"] == 4 and batch["top_k"] == 10
         for got, item in zip(batch["results"], inputs):  # one at a time: a batch of one
             one = _search(app.client, **single(item), top_k=10)
-            _same_ranking(got["hits"], [(h["doc_id"], h["score"]) for h in one["hits"]])
+            same_ranking(got["hits"], [(h["doc_id"], h["score"]) for h in one["hits"]])
             assert [h["rank"] for h in got["hits"]] == list(range(1, 11))
             assert got["hits"][0]["title"] == one["hits"][0]["title"]
 
@@ -293,9 +268,9 @@ def _explained_by_a_dense_tie(got: list[dict], served_dense: list[dict],
     from retriever.index.fusion import fuse
 
     try:
-        _same_ranking(served_dense, offline_dense, TIE)  # order differs only within TIE
+        same_ranking(served_dense, offline_dense, TIE)  # order differs only within TIE
         fused_again = fuse(_pairs({"hits": served_dense}), bm25, len(got), fusion)
-        _same_ranking(got, fused_again)
+        same_ranking(got, fused_again)
         return [h["doc_id"] for h in got] == [d for d, _ in fused_again]
     except AssertionError:
         return False
@@ -320,7 +295,7 @@ def test_hybrid_and_sparse_answers_equal_the_offline_runs(app, scifact):
         answers[mode] = [r["hits"] for r in answer["results"]]
     bm25, _ = bm25_run(data, 10)
     for qid, got in zip(qids, answers["sparse"]):
-        _same_ranking(got, bm25[qid])  # BM25: no encoder, every query the same
+        same_ranking(got, bm25[qid])  # BM25: no encoder, every query the same
     answers["weighted"] = [r["hits"] for r in _search(
         app.client, queries=texts, top_k=10, mode="hybrid",
         fusion={"method": "weighted", "weight": 0.7})["results"]]
@@ -332,7 +307,7 @@ def test_hybrid_and_sparse_answers_equal_the_offline_runs(app, scifact):
         unequal, ties = [], []
         for qid, got, dense in zip(qids, answers[mode], answers["dense"]):
             try:
-                _same_ranking(got, offline[qid])
+                same_ranking(got, offline[qid])
             except AssertionError:
                 tie = _explained_by_a_dense_tie(got, dense, offline_dense[qid], bm25_deep[qid],
                                                 fusion)
@@ -485,7 +460,7 @@ def test_shards_in_the_router_answer_the_same(app, scifact):
         batch = app.client.post("/inrouter/search", json={"vectors": vectors.tolist(),
                                                           "top_k": 100}).json()
         for got, want in zip(batch["results"], one_by_one(app.shards, vectors, 100)):
-            _same_ranking(got["hits"], want)
+            same_ranking(got["hits"], want)
         text = list(scifact.dataset.judged_queries().values())[3]
         for mode in ("dense", "hybrid"):
             here = _search(app.client, query=text, mode=mode)
