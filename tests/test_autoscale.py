@@ -161,11 +161,13 @@ def _scale_up_and_down(cluster, module: str, args: list[str], what: str) -> tupl
     finally:
         timeline.stop()
     peak = timeline.peak()
-    # The 2 nodes the job asks for, of its group. Ray's autoscaler may add a spare one when a
-    # request arrives before the launched nodes have registered (seen on a quiet machine:
-    # "Adding 2 node(s)", 3 s later "Adding 1 node(s)", that one removed idle 7 s later); every
-    # node of the group must still be gone after the idle timeout (checked above).
-    assert 2 <= peak.pop(GROUP) <= 3, (timeline.peak(), timeline.autoscaler_events())
+    # The 2 nodes the job asks for, of its group. Ray's autoscaler adds spares when the
+    # request is still unmet while launched nodes have not registered yet: seen on a quiet
+    # machine ("Adding 2 node(s)", 3 s later "Adding 1 node(s)", removed idle 7 s later) and
+    # at load ~10 ("Adding 2" at 20 s, 2 more at 30 s, 4 up at once, all removed idle). At most
+    # one spare per node asked for; every node of the group must still be gone after the idle
+    # timeout (checked above), and the job's workers sit on 2 of them (checked by the callers).
+    assert 2 <= peak.pop(GROUP) <= 4, (timeline.peak(), timeline.autoscaler_events())
     # The head takes no work (CPU 0, as in aws.yaml): Ray Data's light stages (read, tokenize,
     # write: 0.1 CPU each), asked for before the encoder actors, get a CPU node of their own.
     assert set(peak) <= {"worker.cpu.highmem"} and sum(peak.values()) <= 1, timeline.peak()

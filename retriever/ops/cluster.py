@@ -361,6 +361,14 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Until every pid has exited (SIGKILL is asynchronous: a busy machine takes a moment to
+    tear a large process down), at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -580,12 +588,11 @@ def down(state_path: str | os.PathLike | None = None, grace_s: float = 15.0,
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_members(leader) for leader in signalled):
         time.sleep(0.25)
-    for leader in signalled:
-        _kill_all(_members(leader), signal.SIGKILL)
+    killed = [pid for leader in signalled for pid in _members(leader)]
     if cluster.temp_dir and len(cluster.temp_dir) > 5:
-        for pid in _stragglers(cluster.temp_dir, cluster.ports.get("gcs")):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        killed += _stragglers(cluster.temp_dir, cluster.ports.get("gcs"))
+    _kill_all(killed, signal.SIGKILL)
+    _wait_gone(killed, timeout=10.0)
     # Reap our own children (when up() ran in this process) so no zombies linger.
     for node in ordered:
         with contextlib.suppress(ChildProcessError, OSError):
