@@ -183,25 +183,27 @@ def test_scifact_every_id_once_with_an_actor_killed_mid_run(ray_local, tmp_path)
 
 
 def test_interrupted_run_resumes_skipping_finished_shards(ray_local, tmp_path):
-    out = tmp_path / "emb"
-    first = _encode(dataset("scifact"), out, docs_per_shard=500, max_shards=3, **SHORT)
-    assert not first.complete and first.shards_encoded == 3
+    """On Cranfield (1398 documents, 6 shards of 250): the test above covers SciFact."""
+    out, corpus = tmp_path / "emb", dataset("cranfield")
+    ids = load_corpus(str(Path(corpus) / "corpus.jsonl.gz")).ids
+    first = _encode(corpus, out, docs_per_shard=250, max_shards=2, **SHORT)
+    assert not first.complete and first.shards_encoded == 2
     assert not (out / "manifest.json").exists()  # incomplete: no manifest
     with pytest.raises(InputError, match="no manifest.json"):
         embeddings.read_manifest(str(out))
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
-    assert sorted(kept) == [f"part-0000{i}.{ext}" for i in range(3) for ext in ("json",
+    assert sorted(kept) == [f"part-0000{i}.{ext}" for i in range(2) for ext in ("json",
                                                                                  "parquet")]
 
-    second = _encode(dataset("scifact"), out, docs_per_shard=500, **SHORT)
-    assert second.complete and second.shards_reused == 3 and second.shards_encoded == 8
+    second = _encode(corpus, out, docs_per_shard=250, **SHORT)
+    assert second.complete and second.shards_reused == 2 and second.shards_encoded == 4
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # not rewritten
-    _assert_every_id_once(out, _scifact().ids)
+    _assert_every_id_once(out, ids)
     manifest = embeddings.read_manifest(str(out))
-    assert manifest["rows"] == SCIFACT_DOCS and len(manifest["parts"]) == 11
+    assert manifest["rows"] == len(ids) == 1398 and len(manifest["parts"]) == 6
 
-    third = _encode(dataset("scifact"), out, docs_per_shard=500, **SHORT)  # idempotent
-    assert third.complete and third.shards_encoded == 0 and third.shards_reused == 11
+    third = _encode(corpus, out, docs_per_shard=250, **SHORT)  # idempotent
+    assert third.complete and third.shards_encoded == 0 and third.shards_reused == 6
     assert embeddings.read_manifest(str(out))["parts"] == manifest["parts"]
 
 

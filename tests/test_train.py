@@ -320,7 +320,6 @@ def gradient_probes(assets, ray_local):
     return json.loads(Path(out, "probe.json").read_text())
 
 
-@pytest.mark.wip  # issue 14, out of CI for its budget (tests/conftest.py)
 @pytest.mark.parametrize("strategy", PROBED)
 def test_grad_cache_gradients_equal_the_uncached_ones(gradient_probes, strategy):
     """LoRA dropout on, 2 workers with cross-worker negatives, gradient checkpointing on,
@@ -335,7 +334,6 @@ def test_grad_cache_gradients_equal_the_uncached_ones(gradient_probes, strategy)
     assert metrics["vs_first_strategy"] <= 1e-4, metrics  # the strategies agree too
 
 
-@pytest.mark.wip  # issue 14, out of CI for its budget (tests/conftest.py)
 def test_grad_cache_run_has_the_uncached_runs_losses(runs, assets):
     """A 5-step ZeRO-3 run with GradCache (chunks of 3, 2 accumulation steps) trains as the
     plain run does: the same loss at every step (constant lr: the 10-step run's first 5)."""
@@ -364,7 +362,6 @@ def held_out_mrr(model: str, examples: str, dims: int) -> float:
     return float(np.mean(1.0 / ranks))
 
 
-@pytest.mark.wip  # issue 14, out of CI for its budget (tests/conftest.py)
 def test_matryoshka_training_makes_a_short_prefix_retrieve(assets, ray_local, tmp_path):
     """DDP, 2 workers, loss over the first 8 of 32 dimensions and the full vector: the
     exported model's 8-dim embeddings retrieve held-out queries' positives better than the
