@@ -29,9 +29,6 @@ from retriever.io.formats import load_dataset
 from retriever.ops.cluster import free_port
 from tests.helpers import dataset, same_ranking
 
-# Issue 14 is open and CI's 30-minute budget has no room yet for this suite's ~1-1.5 minutes
-# (one Ray, the encode job, the Serve app): it runs with `-m wip` (listed in tests/conftest.py).
-pytestmark = pytest.mark.wip
 
 DIMS = 64
 DOCS = 240
