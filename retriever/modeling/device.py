@@ -8,9 +8,9 @@ Training on CPU always runs in fp32 (bf16 there is only used for inference).
 
 Queries have their own precision (:func:`pick_query_dtype`): fp32 on CPU, the device's dtype on
 CUDA. On CPU, queries are a tiny share of the encode work and latency-bound on short inputs,
-and fp32 keeps a served answer independent of the replica's thread count and batch
-composition: bf16 rounding turns a different order of fp32 sums (other threads, other padding
-and blocking) into ~1e-3 differences between query vectors (a SciFact query alone vs in a
+and fp32 keeps a served answer independent of the batch a query is padded into: bf16
+rounding turns a different order of fp32 sums (other padding and blocking) into ~1e-3
+differences between query vectors (a SciFact query alone vs in a
 batch: 7.7e-4 under bf16, 1.1e-7 in fp32), enough to swap close neighbours.
 
 Whether a GPU may be used is decided where the work runs, not in the driver that schedules
