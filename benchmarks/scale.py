@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -76,15 +77,10 @@ class RssSampler:
         self.peaks[kind] = max(self.peaks.get(kind, 0), rss)
 
     def _run(self) -> None:
-        import psutil
-
         nodes = raylets(self.cluster)
         while not self._stop.wait(self.period):
             if self.driver_pid:
-                try:
-                    self._note("driver", psutil.Process(self.driver_pid).memory_info().rss)
-                except psutil.Error:
-                    pass
+                self._sample("driver", self.driver_pid)
             for raylet in nodes:  # a node's Ray workers are its raylet's children
                 try:
                     workers = raylet.children()
@@ -93,18 +89,35 @@ class RssSampler:
                 for proc in workers:
                     try:
                         title = " ".join(proc.cmdline())
-                        rss = proc.memory_info().rss
                     except psutil.Error:
                         continue
                     for kind, marks in KINDS.items():
                         if title.startswith("ray::") and any(m in title for m in marks):
-                            self._note(kind, rss)
+                            self._sample(kind, proc.pid)
+
+    def _sample(self, kind: str, pid: int) -> None:
+        # RSS less its shared-memory part (RssShmem): chiefly Ray's object store in /dev/shm,
+        # whose pages a worker touched stay counted in its RSS while the store (bounded by
+        # Ray's object-store size) holds them.
+        memory = memory_status(pid)
+        if memory:
+            self._note(kind, memory["VmRSS"])
+            self._note(f"{kind} private", memory["VmRSS"] - memory.get("RssShmem", 0))
+
+
+def memory_status(pid: int) -> dict[str, int] | None:
+    """A process's memory fields from /proc/<pid>/status in bytes (VmRSS, RssAnon, RssFile,
+    RssShmem, ...), None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = (line.split(":", 1) for line in status.splitlines() if line.endswith(" kB"))
+    return {key: int(value.split()[0]) * 1024 for key, value in fields}
 
 
 def raylets(cluster) -> list:
     """The cluster's raylets (psutil processes): one a node, Ray workers are their children."""
-    import psutil
-
     return [p for p in psutil.process_iter(["name", "cmdline"])
             if p.info["name"] == "raylet" and cluster.temp_dir in " ".join(p.info["cmdline"] or [])]
 
@@ -131,8 +144,9 @@ def run_job(cluster, args: list[str], log: Path) -> tuple[int, dict[str, int], f
 
 # ---------------------------------------------------------------------------- encode
 
-def encode_size(cluster, work: Path, model: str, docs: int, seed: int) -> dict:
-    from retriever.io import embeddings, synthetic
+def generate_corpus(work: Path, docs: int, seed: int) -> Path:
+    """The synthetic corpus of ``docs`` documents in 8 JSONL files (kept across runs)."""
+    from retriever.io import synthetic
 
     corpus = work / f"corpus-{docs}"
     if not (corpus / "done").exists():
@@ -140,12 +154,26 @@ def encode_size(cluster, work: Path, model: str, docs: int, seed: int) -> dict:
         synthetic.write_corpus(str(corpus), docs, files=8, seed=seed)
         (corpus / "done").write_text("")
         print(f"  generated {docs:,} docs in {time.perf_counter() - started:.0f}s", flush=True)
+    return corpus
+
+
+def piece_bytes(corpus: Path) -> int:
+    """``--read-bytes`` for every size: the smaller corpus' largest file, so each of its files
+    is one full piece and the larger corpus' files are cut into pieces of the same size (a
+    read task's memory is compared like for like)."""
+    return max(f.stat().st_size for f in corpus.glob("part-*.jsonl"))
+
+
+def encode_size(cluster, work: Path, model: str, corpus: Path, docs: int,
+                read_bytes: int) -> dict:
+    from retriever.io import embeddings
+
     out = work / f"emb-{docs}"
     shutil.rmtree(out, ignore_errors=True)
     rc, peaks, _ = run_job(cluster, ["jobs.encode", "--corpus", str(corpus), "--out", str(out),
                                      "--model", model, "--passage-max-length", "32",
                                      "--docs-per-shard", "1000", "--read-bytes",
-                                     str(16 * 2**20)], work / f"encode-{docs}.log")
+                                     str(read_bytes)], work / f"encode-{docs}.log")
     if rc != 0:
         raise SystemExit(f"encode of {docs} docs failed (log: {work}/encode-{docs}.log)")
     manifest = embeddings.read_manifest(str(out))
@@ -153,30 +181,45 @@ def encode_size(cluster, work: Path, model: str, docs: int, seed: int) -> dict:
     run = manifest["encode"]["last_run"]
     return {"docs": docs, "docs_per_s": run["docs_per_s"], "seconds": run["seconds"],
             "peaks": peaks, "pieces": manifest["encode"]["read"]["pieces"],
-            "nodes": len(manifest["encode"]["read"]["read_nodes"])}
+            "nodes": len(manifest["encode"]["read"]["read_nodes"]), "read_bytes": read_bytes}
+
+
+def encode_section(cluster, work: Path, model: str, args) -> list[str]:
+    corpora = [generate_corpus(work, docs, args.seed) for docs in args.docs]
+    read_bytes = args.read_bytes or piece_bytes(corpora[0])
+    rows = []
+    for docs, corpus in zip(args.docs, corpora):
+        print(f"encode {docs:,} docs ...", flush=True)
+        rows.append(encode_size(cluster, work, model, corpus, docs, read_bytes))
+    return encode_table(rows)
 
 
 def encode_table(rows: list[dict]) -> list[str]:
     kinds = ["driver", "plan", "read", "tokenize", "encode", "write"]
     mib = lambda b: f"{b / 2**20:,.0f}" if b else "-"  # noqa: E731
+    cell = lambda peaks, k: f"{mib(peaks.get(k))}/{mib(peaks.get(k + ' private'))}"  # noqa: E731
     lines = ["encode (local 2-node cluster, 1 CPU a node; tiny BERT, 32 tokens; machine "
              "shared and busy)",
+             f"  pieces of {rows[0]['read_bytes'] / 2**20:.2f} MiB at every size (--read-bytes "
+             "= the smaller corpus' largest file: full pieces at both sizes); peak RSS / RSS "
+             "less shared memory (Ray's object store pages), MiB",
              f"  {'docs':>10} {'docs/s':>8} {'pieces':>6} {'nodes':>5} " +
-             " ".join(f"{k + ' MiB':>12}" for k in kinds)]
+             " ".join(f"{k:>11}" for k in kinds)]
     for r in rows:
         lines.append(f"  {r['docs']:>10,} {r['docs_per_s']:>8.1f} {r['pieces']:>6} "
-                     f"{r['nodes']:>5} " + " ".join(f"{mib(r['peaks'].get(k)):>12}"
-                                                     for k in kinds))
+                     f"{r['nodes']:>5} " + " ".join(f"{cell(r['peaks'], k):>11}" for k in kinds))
     if len(rows) == 2:
         small, big = rows
-        growth = {k: big["peaks"][k] / small["peaks"][k] for k in kinds
-                  if small["peaks"].get(k) and big["peaks"].get(k)}
-        worst = max(growth, key=growth.get)
-        lines.append(f"  docs/s ratio ({big['docs'] // small['docs']}x docs): "
+        times = big["docs"] // small["docs"]
+        lines.append(f"  docs/s ratio ({times}x docs): "
                      f"{big['docs_per_s'] / small['docs_per_s']:.2f}")
-        lines.append(f"  peak RSS growth ({big['docs'] // small['docs']}x docs): "
-                     f"{growth[worst]:.2f} ({worst}; " +
-                     ", ".join(f"{k} {v:.2f}" for k, v in growth.items()) + ")")
+        for label, suffix in (("peak RSS growth", ""), ("peak RSS less shared growth",
+                                                         " private")):
+            growth = {k: big["peaks"][k + suffix] / small["peaks"][k + suffix] for k in kinds
+                      if small["peaks"].get(k + suffix) and big["peaks"].get(k + suffix)}
+            worst = max(growth, key=growth.get)
+            lines.append(f"  {label} ({times}x docs): {growth[worst]:.2f} ({worst}; " +
+                         ", ".join(f"{k} {v:.2f}" for k, v in growth.items()) + ")")
     return lines
 
 
@@ -229,9 +272,13 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="1e4/1e5 docs, 1e6 vectors")
     parser.add_argument("--docs", type=float, nargs=2, default=None)
     parser.add_argument("--vectors", type=float, default=None, help="0: no index section")
+    parser.add_argument("--no-encode", action="store_true", help="skip the encode section")
     parser.add_argument("--work", default=None, help="folder for generated data")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--read-bytes", type=int, default=0,
+                        help="piece size (0: the smaller corpus' largest file: full pieces "
+                             "at both sizes)")
     args = parser.parse_args(argv)
     args.docs = [int(d) for d in (args.docs or ((1e4, 1e5) if args.quick else (1e5, 1e6)))]
     args.vectors = int(args.vectors if args.vectors is not None else
@@ -253,12 +300,9 @@ def main(argv=None) -> int:
     cluster = lc.up(lc.LocalClusterConfig(workers=1, head_cpus=1, worker_cpus=1,
                                           state_path=str(state), timeout_s=300))
     try:
-        rows = []
-        for docs in args.docs:
-            print(f"encode {docs:,} docs ...", flush=True)
-            rows.append(encode_size(cluster, work, model, docs, args.seed))
-        lines += encode_table(rows)
-        print("\n".join(lines), flush=True)  # now: the index section may take long
+        if not args.no_encode:
+            lines += encode_section(cluster, work, model, args)
+            print("\n".join(lines), flush=True)  # now: the index section may take long
         if args.vectors:
             print(f"index {args.vectors:,} vectors ...", flush=True)
             lines += index_section(cluster, work, args.vectors, args.seed)
@@ -311,24 +355,39 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
 
 # ---------------------------------------------------------------------------- serve
 
-def searcher_rss(cluster) -> dict[int, tuple[int, int]]:
-    """ShardSearcher-N replica -> (RSS, anonymous RSS) bytes (mapped file pages are in RSS
-    but not in RssAnon: page cache the kernel can drop)."""
-    import psutil
+def mapped_rss(pid: int, suffix: str) -> int:
+    """Resident bytes of the process's file mappings whose path ends with ``suffix`` (the
+    memory-mapped shard's pages this process has touched, from /proc/<pid>/smaps)."""
+    total, inside = 0, False
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        head = line.split()
+        if head and not head[0].endswith(":"):  # a mapping's header: address range ... path
+            inside = head[-1].endswith(suffix)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
 
+
+def searcher_rss(cluster) -> dict[int, dict[str, int]]:
+    """ShardSearcher-N replica -> its memory (bytes): ``rss``; ``anon`` (RssAnon: what the
+    process itself allocated); ``mapped`` (the shard file's resident pages, page cache the
+    kernel can drop)."""
     out = {}
     for raylet in raylets(cluster):
         for proc in raylet.children():
             try:
                 title = " ".join(proc.cmdline())
-                status = Path(f"/proc/{proc.pid}/status").read_text()
-            except (psutil.Error, OSError):
+            except psutil.Error:
                 continue
-            if "ShardSearcher-" in title and title.startswith("ray::"):
+            memory = memory_status(proc.pid)
+            if memory and "ShardSearcher-" in title and title.startswith("ray::"):
                 number = int(title.split("ShardSearcher-")[1].split()[0].split(".")[0])
-                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-                kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
-                out[number] = (kib("VmRSS"), kib("RssAnon"))
+                out[number] = {"rss": memory["VmRSS"], "anon": memory.get("RssAnon", 0),
+                               "mapped": mapped_rss(proc.pid, ".faiss")}
     return out
 
 
@@ -348,6 +407,7 @@ def serve_section(cluster, index: Path, queries: np.ndarray, manifest: dict) -> 
     sizes = {n: entry["bytes"] for n, entry in enumerate(manifest["shards"])}
     lines = [f"serve (8 shards, one ShardSearcher each, concurrency 16, {len(bodies)} requests; "
              "machine shared and busy)"]
+    memory: dict[bool, dict] = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for mmap in (False, True):
@@ -358,17 +418,41 @@ def serve_section(cluster, index: Path, queries: np.ndarray, manifest: dict) -> 
             over_http(port, bodies[:64], 4)  # warm up
             latencies, qps = over_http(port, bodies, 16)
             p50, p99 = percentiles(latencies)
-            rss = searcher_rss(cluster)
+            memory[mmap] = searcher_rss(cluster)
             lines.append(f"  mmap={str(mmap):5} p50 {p50:.1f} ms, p99 {p99:.1f} ms, {qps:.0f} QPS")
-            for n in sorted(rss):
-                total, anon = rss[n]
-                lines.append(f"    searcher {n}: RSS {total / 2**20:,.0f} MiB (anon "
-                             f"{anon / 2**20:,.0f}) = {total / sizes[n]:.2f}x its shard's "
-                             f"{sizes[n] / 2**20:,.0f} MiB")
             serve.delete("search")
+            _wait_gone(cluster)
     finally:
         serve.shutdown()
         ray.shutdown()
+    return lines + searcher_lines(memory, sizes)
+
+
+def _wait_gone(cluster, timeout_s: float = 60.0) -> None:
+    """Until no searcher replica process is left (the next app's must not be mixed in)."""
+    deadline = time.monotonic() + timeout_s
+    while searcher_rss(cluster) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def searcher_lines(memory: dict[bool, dict], sizes: dict[int, int]) -> list[str]:
+    """Each searcher's memory without and with mmap next to its shard file's bytes.
+
+    A replica's RSS includes its process (Python, Ray, FAISS, the id list: ~200 MiB before any
+    shard), so at small shards the RSS ratio says little; ``held`` is the shard's own share with
+    mmap, estimated as the shard's bytes, less the anonymous memory mmap saved against the
+    in-memory load of the same shard, plus the shard file's resident pages."""
+    mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    lines = ["  searcher memory, MiB: RSS (anon, shard file pages resident) without | with mmap; "
+             "shard = its .faiss file"]
+    for n in sorted(set(memory.get(False, {})) & set(memory.get(True, {}))):
+        plain, mapped, size = memory[False][n], memory[True][n], sizes[n]
+        held = size - (plain["anon"] - mapped["anon"]) + mapped["mapped"]
+        lines.append(
+            f"    searcher {n}: {mib(plain['rss'])} ({mib(plain['anon'])}, "
+            f"{mib(plain['mapped'])}) | {mib(mapped['rss'])} ({mib(mapped['anon'])}, "
+            f"{mib(mapped['mapped'])}); shard {mib(size)}; RSS with mmap = "
+            f"{mapped['rss'] / size:.2f}x shard, held for the shard {held / size:.2f}x")
     return lines
 
 
