@@ -26,9 +26,10 @@ PASSAGES = ["Laminar flow over a flat plate stays attached until the pressure ri
             " ".join(WORDS * 40)]
 
 
-def _export(model: str, directory: Path) -> Path:
+def _export(model: str, directory: Path, defaults=None) -> Path:
     """The training export of ``model`` with a non-zero LoRA update: write_adapter, then
-    merge_adapter (the code path `retriever train` runs)."""
+    merge_adapter (the code path `retriever train` runs), with the model's own embedding
+    defaults unless ``defaults`` are given (as training records them)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModel
 
@@ -43,9 +44,10 @@ def _export(model: str, directory: Path) -> Path:
     weights = {name: torch.randn(p.shape, generator=generator) * 0.02
                for name, p in peft_model.named_parameters() if p.requires_grad}
     adapter, merged = directory / "adapter", directory / "merged"
-    write_adapter(adapter, peft_model, weights, resolved.defaults, base_model=model)
+    defaults = defaults or resolved.defaults
+    write_adapter(adapter, peft_model, weights, defaults, base_model=model)
     del peft_model
-    merge_adapter(adapter, resolved.path, merged, resolved.defaults, model)
+    merge_adapter(adapter, resolved.path, merged, defaults, model)
     return merged
 
 
@@ -94,6 +96,31 @@ def test_a_decoders_saved_tokenizer_appends_the_encoders_eos(exported):
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     post = json.loads((merged / "tokenizer.json").read_text())["post_processor"]
     assert "SpecialToken" in json.dumps(post) and saved.eos_token in json.dumps(post)
+
+
+def test_a_model_trained_with_the_one_word_prompt_embeds_with_it(tmp_path):
+    """Fine-tuned from the zero-shot prompt (`prompt: one-word` in a training config): the
+    export records the prompt, so the directory alone embeds through the chat template, and it
+    carries no sentence-transformers layout (its prefixes cannot express the template)."""
+    from retriever.training.texts import text_tokenizer
+
+    defaults = text_tokenizer("smollm2-135m", prompt="one-word").defaults()
+    assert defaults.prompt == "one-word" and not defaults.append_eos
+    merged = _export("smollm2-135m", tmp_path / "one-word", defaults)
+    assert json.loads((merged / "retriever.json").read_text())["defaults"]["prompt"] == \
+        "one-word"
+    assert not any((merged / name).exists() for name in LAYOUT_FILES)
+    from retriever.modeling.encoder import WeightlessEncoder
+
+    own = WeightlessEncoder(model=str(merged))
+    base = WeightlessEncoder(model="smollm2-135m", prompt="one-word")
+    assert own.settings()["prompt"] == "one-word"
+    for kind in ("query", "passage"):
+        ids = own.tokenize(QUERIES, kind)
+        assert ids == base.tokenize(QUERIES, kind)
+        assert own.tokenizer.decode(ids[0]).rstrip().endswith('The word is: "')
+    plain = WeightlessEncoder(model=str(merged), prompt="none")
+    assert plain.tokenize(QUERIES, "query") != own.tokenize(QUERIES, "query")
 
 
 @pytest.mark.parametrize("model", ["minilm", "smollm2-135m"])

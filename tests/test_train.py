@@ -413,6 +413,11 @@ def test_training_tokenization_is_the_encoders(tmp_path):
     ids = texts.tokenize(["shock"], "query")[0]
     assert ids[-1] == texts.tokenizer.eos_token_id  # last-token pooling reads an EOS
     assert texts.defaults().query_prefix == "Query: " and texts.defaults().append_eos
+    # trained from the zero-shot prompt: the Encoder's template, recorded for the export
+    prompted = text_tokenizer(model, prompt="one-word")
+    one_word = Encoder(EncoderConfig(model=model, dtype="float32", prompt="one-word"))
+    assert prompted.tokenize(sample, "query") == one_word.tokenize(sample, "query")
+    assert prompted.defaults().prompt == "one-word"
 
 
 def test_group_sampler_shards_deterministically(tmp_path):

@@ -54,8 +54,9 @@ class EncoderConfig:
     dims: int | None = _option(None, "keep the first N dimensions of every vector, then "
                                      "L2-normalise again (Matryoshka-trained models; default: "
                                      "all)")
-    prompt: str = _option("none", "none | one-word (zero-shot LLM prompt)",
-                          choices=list(PROMPT_MODES))
+    prompt: str | None = _option(None, "none | one-word (the zero-shot LLM prompt; default: the "
+                                       "model's, none unless it was fine-tuned with one)",
+                                 choices=list(PROMPT_MODES))
     device: str = _option("auto", "auto | cpu | cuda[:N]", recorded=False)
     dtype: str = _option("auto", "auto | float32 | bfloat16 | float16: passages' precision "
                                  "(auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
@@ -80,7 +81,7 @@ class EncoderConfig:
             named_dtype(getattr(self, name), name)  # a bad name fails here, naming the option
         if self.pooling is not None and self.pooling not in POOLINGS + ("eos",):
             raise ValueError(f"pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
-        if self.prompt not in PROMPT_MODES:
+        if self.prompt is not None and self.prompt not in PROMPT_MODES:
             raise ValueError(f"prompt {self.prompt!r}: expected one of {', '.join(PROMPT_MODES)}")
         for name in ("query_max_length", "passage_max_length", "batch_size", "dims"):
             value = getattr(self, name)
@@ -140,14 +141,15 @@ class Encoder:
         self.resolved: ResolvedModel = resolve_model(config.model)
         d: EncoderDefaults = self.resolved.defaults
         pick = lambda value, default: default if value is None else value  # noqa: E731
-        self.pooling = pick(config.pooling, "last" if config.prompt == "one-word" else d.pooling)
+        self.prompt = pick(config.prompt, d.prompt)
+        one_word = self.prompt == "one-word"
+        self.pooling = pick(config.pooling, "last" if one_word else d.pooling)
         self.pooling = "last" if self.pooling == "eos" else self.pooling
         self.normalize = pick(config.normalize, d.normalize)
         self.dims = config.dims
         self.query_max_length = pick(config.query_max_length, d.query_max_length)
         self.passage_max_length = pick(config.passage_max_length, d.passage_max_length)
         # The one-word prompt is its own template: no retrieval prefixes, no appended EOS.
-        one_word = config.prompt == "one-word"
         self.query_prefix = with_instruction(
             pick(config.query_prefix, "" if one_word else d.query_prefix), config.instruction)
         self.passage_prefix = pick(config.passage_prefix, "" if one_word else d.passage_prefix)
@@ -201,7 +203,7 @@ class Encoder:
     def settings(self) -> dict:
         """Everything that decides the vectors, for manifests and cache keys: the recorded
         EncoderConfig fields as resolved for this model, its weights' hash, EOS and dims."""
-        resolved = {"model": self.resolved.name, "prompt": self.config.prompt,
+        resolved = {"model": self.resolved.name, "prompt": self.prompt,
                     "dtype": str(self.placement.dtype).replace("torch.", ""),
                     "query_dtype": str(self.placement.query_dtype).replace("torch.", "")}
         recorded = {f.name: resolved[f.name] if f.name in resolved else getattr(self, f.name)

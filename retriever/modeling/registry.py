@@ -62,6 +62,7 @@ class EncoderDefaults:
     passage_max_length: int = 256
     append_eos: bool = False  # last-token pooling reads the EOS appended to every text
     normalize: bool = True
+    prompt: str = "none"  # the template the model embeds with (one-word: trained with it)
 
 
 DECODER_DEFAULTS = EncoderDefaults(pooling="last", query_prefix="Query: ",

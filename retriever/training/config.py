@@ -19,7 +19,7 @@ STRATEGIES = ("zero3", "zero2", "ddp")
 SCHEDULES = ("linear", "cosine", "constant")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRAINED_ENCODER_OPTIONS = ("model", "pooling", "query_prefix", "passage_prefix",
-                           "query_max_length", "passage_max_length")
+                           "query_max_length", "passage_max_length", "prompt")
 
 
 @dataclass

@@ -9,6 +9,9 @@ Both load with ``resolve_model`` / ``retriever eval --model DIR`` / the encode j
   safetensors), the tokenizer, ``retriever.json``, and the sentence-transformers layout of the
   same settings (``retriever.modeling.st_layout``: modules, pooling, prompts, for decoders a
   tokenizer that appends EOS), so ``SentenceTransformer(merged)`` embeds as the Encoder does.
+  A model trained with the one-word prompt (``prompt: one-word``) gets no such layout: the
+  prompt wraps the text in a chat template, which the layout's prefixes cannot express, and a
+  loader that read the layout would embed otherwise; ``retriever.json`` records the prompt.
 
 Each directory gets ``identity.json`` last (the sha256 of every file in it,
 ``retriever.modeling.identity``): its content identity, which the model caches key by.
@@ -76,8 +79,12 @@ def merge_adapter(adapter_dir: str | Path, base_path: str, out_dir: str | Path,
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    st_layout.prepare_tokenizer(tokenizer, defaults, base_model).save_pretrained(str(out_dir))
-    st_layout.write_config(out_dir, defaults, model.config.hidden_size)
+    layout = defaults.prompt == "none"
+    if layout:
+        tokenizer = st_layout.prepare_tokenizer(tokenizer, defaults, base_model)
+    tokenizer.save_pretrained(str(out_dir))
+    if layout:  # after the tokenizer: it rewrites tokenizer_config.json's class
+        st_layout.write_config(out_dir, defaults, model.config.hidden_size)
     write_settings(out_dir, defaults, merged_from=base_model, **extra)
     write_identity(out_dir)
 

@@ -33,7 +33,8 @@ class TextTokenizer(Encoder):
                                passage_prefix=self.passage_prefix,
                                query_max_length=self.query_max_length,
                                passage_max_length=self.passage_max_length,
-                               append_eos=self.append_eos, normalize=self.normalize)
+                               append_eos=self.append_eos, normalize=self.normalize,
+                               prompt=self.prompt)
 
     def batch(self, texts: Sequence[str], kind: str,
               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
