@@ -60,14 +60,16 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from retriever.index.ranking import Hit, merge
 from serve import models
 from serve.docs import PUBLIC, add_docs_routes, body
 from serve.fanout import SHARD_FAILED, Coalescer, ShardAnswer, ShardQuery, fan_out, log
+from serve.proxy import BODY_KEY
 
-__all__ = ["TOKEN_ENV", "ApiSettings", "ApiError", "Backend", "Coalescer", "SHARD_FAILED",
-           "fan_out", "make_api", "model_id", "public_info", "read_body"]
+__all__ = ["TOKEN_ENV", "ApiSettings", "ApiError", "Backend", "Coalescer", "InFlight",
+           "SHARD_FAILED", "fan_out", "make_api", "model_id", "public_info", "read_body"]
 
 TOKEN_ENV = "RETRIEVER_API_TOKEN"
 PAGE = Path(__file__).with_name("page.html")
@@ -125,7 +127,9 @@ class ApiError(Exception):
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) as soon as it is known to pass ``limit`` bytes: by its
-    declared Content-Length before any of it is read, else while it streams in (chunked)."""
+    declared Content-Length before any of it is read, else while it streams in (chunked).
+    A body Serve's proxy carried in the scope (``serve/proxy.py``) is taken from there: no
+    call back to the proxy."""
     declared = request.headers.get("content-length")
     if declared is not None:
         declared = declared.strip()
@@ -133,6 +137,9 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, f"Content-Length {declared[:40]!r} is not a byte count")
         if len(declared) > 18 or int(declared) > limit:
             raise ApiError(413, f"request body is {declared[:40]} bytes; the limit is {limit}")
+    carried = request.scope.get(BODY_KEY)
+    if isinstance(carried, bytes) and len(carried) <= limit:
+        return carried
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -141,13 +148,24 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def parse_json(body: bytes) -> Any:
+    """The JSON value of ``body``, parsed by pydantic's parser (~9x faster than ``json`` on a
+    vector of 384 numbers: ~0.1 ms of a request) where it accepts the body, which it then reads
+    as Python's ``json`` does; where it refuses, Python's ``json`` decides (lone surrogates, a
+    UTF-8 BOM, deep nesting), so every refusal and its message stay ``json``'s."""
+    try:
+        return from_json(body)
+    except ValueError:
+        return json.loads(body)
+
+
 def json_object(body: bytes, settings: ApiSettings) -> dict:
     """The body as a JSON object (413 when too large, 400 when not JSON or not an object)."""
     if len(body) > settings.max_body_bytes:
         raise ApiError(413, f"request body is {len(body)} bytes; the limit is "
                             f"{settings.max_body_bytes}")
     try:
-        payload = json.loads(body)
+        payload = parse_json(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the body is not valid JSON: {err}") from None
     except RecursionError:  # the C parser recurses once per level of [ or {
@@ -187,13 +205,43 @@ def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> R
                     media_type="application/json", headers=headers)
 
 
-def make_api(backend: Backend, settings: ApiSettings | None = None) -> FastAPI:
+class InFlight:
+    """The HTTP requests an app is handling now (``requests``), counted by :func:`make_api`'s
+    middleware: the Serve Router answers a search on the spot when it is the only one
+    (``serve.fanout.Coalescer``'s ``alone``) and coalesces it with the others otherwise."""
+
+    def __init__(self):
+        self.requests = 0
+
+
+class _CountRequests:
+    """Pure ASGI middleware (no per-request objects): ``in_flight.requests`` up while an HTTP
+    request is handled."""
+
+    def __init__(self, app, in_flight: InFlight):
+        self.app, self.in_flight = app, in_flight
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.in_flight.requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.requests -= 1
+
+
+def make_api(backend: Backend, settings: ApiSettings | None = None,
+             in_flight: InFlight | None = None) -> FastAPI:
+    """The app over ``backend``; with ``in_flight``, it counts the requests under way there."""
     from serve.openai_api import add_openai_routes
 
     settings = settings or ApiSettings()
     token = os.environ.get(settings.token_env) or None
     app = FastAPI(title="llm-retriever search", version="2", docs_url=None, redoc_url=None,
                   openapi_url=None, description=__doc__.split("\n\n")[0])
+    if in_flight is not None:
+        app.add_middleware(_CountRequests, in_flight=in_flight)
 
     def denied(request: Request) -> Response | None:
         return _denied(request, token)

@@ -42,10 +42,14 @@ from retriever.errors import InputError
 # and direct ingress, whose servers listen on every interface): user code and the handle
 # router on the replica's main event loop instead of hops to other threads / loops, and no
 # per-request log copies to stderr. Measured on the 2-core machine: ~30% less CPU per
-# request in Router and ShardSearcher (benchmarks/search_latency.py).
+# request in Router and ShardSearcher (benchmarks/search_latency.py). And the proxy's
+# callback serve/proxy.py: a request's body goes with the request, so the Router does not
+# call the proxy back for it (one actor round trip less per POST). The proxy reads them
+# when it starts: set them before Ray starts (`retriever serve` does for a local cluster).
 LOW_LATENCY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-                   "RAY_SERVE_LOG_TO_STDERR": "0"}
+                   "RAY_SERVE_LOG_TO_STDERR": "0",
+                   "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve.proxy:middlewares"}
 DEPLOYMENT_OPTIONS = {"num_replicas", "autoscaling_config", "ray_actor_options",
                       "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
                       "health_check_timeout_s", "graceful_shutdown_timeout_s",

@@ -20,6 +20,7 @@ replica (``ray_actor_options: {num_gpus: 1}``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from typing import Sequence
@@ -175,18 +176,24 @@ class Router:
     def __init__(self, encoder: DeploymentHandle, searchers: Sequence[DeploymentHandle],
                  info: dict, api_settings: dict, docs: str | None = None,
                  own_shards: dict | None = None):
+        from serve.api import InFlight
+
         self.shard_groups = info["searchers"]  # shard names held by each searcher, in order
         self.shard_names = [name for group in self.shard_groups for name in group]
         timeout = float(api_settings.get("timeout_s", 2.0))
+        self.in_flight = InFlight()  # counted by the API's middleware
         # method handles made once: `handle.search` builds a new handle on every access
         searches = [h.options(method_name="search") for h in searchers]
         self.coalescers = [Coalescer(h.remote, timeout_s=timeout) for h in searches]
-        if own_shards:  # shards_in_router: no searcher hop; FAISS in a thread, so that the
-            # queries arriving meanwhile leave together in the next call
+        if own_shards:  # shards_in_router: no searcher hop. Concurrent queries: FAISS in a
+            # thread, so that those arriving meanwhile leave together in the next call; a lone
+            # query (concurrency 1): FAISS at once on the event loop, no thread hop
             dense, bm25 = load_group(own_shards["index"], range(len(self.shard_names)),
                                      own_shards.get("gpu", "auto"), own_shards.get("mmap"))
             self.coalescers = [Coalescer(lambda q: asyncio.to_thread(answer, dense, bm25, q),
-                                         timeout_s=timeout)]
+                                         timeout_s=timeout,
+                                         inline=functools.partial(answer, dense, bm25),
+                                         alone=lambda: self.in_flight.requests <= 1)]
         encode = encoder.options(method_name="encode").remote
         self.encoder_calls = Coalescer(encode, timeout_s=max(timeout, 30.0),
                                        combine=combine_encodes, split=split_encodes)
@@ -199,7 +206,7 @@ class Router:
     def __serve_build_asgi_app__(self):
         from serve.api import ApiSettings, make_api
 
-        return make_api(self, ApiSettings(**self.api_settings))
+        return make_api(self, ApiSettings(**self.api_settings), self.in_flight)
 
     async def encode(self, texts: list[str], kind: str = "query"
                      ) -> tuple[np.ndarray, list[int]]:
