@@ -414,7 +414,13 @@ def test_training_tokenization_is_the_encoders(tmp_path):
     assert ids[-1] == texts.tokenizer.eos_token_id  # last-token pooling reads an EOS
     assert texts.defaults().query_prefix == "Query: " and texts.defaults().append_eos
     # trained from the zero-shot prompt: the Encoder's template, recorded for the export
-    prompted = text_tokenizer(model, prompt="one-word")
+    from retriever.training.config import TrainConfig
+    from retriever.training.texts import training_texts
+
+    trained = TrainConfig.from_dict({"train_data": "unused", "model": model,
+                                     "prompt": "one-word", "passage_max_length": 40})
+    prompted = training_texts(trained.encoder)  # what each training worker tokenizes with
+    assert prompted.passage_max_length == 40
     one_word = Encoder(EncoderConfig(model=model, dtype="float32", prompt="one-word"))
     assert prompted.tokenize(sample, "query") == one_word.tokenize(sample, "query")
     assert prompted.defaults().prompt == "one-word"

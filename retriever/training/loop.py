@@ -227,15 +227,10 @@ def _start_worker(payload: dict) -> WorkerState:
 
 
 def _load_texts(worker: WorkerState) -> None:
-    from retriever.training.texts import text_tokenizer
+    from retriever.training.texts import training_texts
 
     config = worker.config
-    encoder = config.encoder
-    worker.texts = text_tokenizer(encoder.model, pooling=encoder.pooling,
-                                  query_prefix=encoder.query_prefix,
-                                  passage_prefix=encoder.passage_prefix,
-                                  query_max_length=encoder.query_max_length,
-                                  passage_max_length=encoder.passage_max_length)
+    worker.texts = training_texts(config.encoder)
     worker.base_ref = base_reference(config.model, worker.resolved)
 
 

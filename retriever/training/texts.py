@@ -15,6 +15,7 @@ import torch
 
 from retriever.modeling.encoder import Encoder, EncoderConfig
 from retriever.modeling.registry import EncoderDefaults
+from retriever.training.config import TRAINED_ENCODER_OPTIONS
 
 
 class TextTokenizer(Encoder):
@@ -48,3 +49,11 @@ def text_tokenizer(model: str, **overrides) -> TextTokenizer:
     """A tokenizer with the model's defaults; ``None`` overrides are ignored."""
     fields = {k: v for k, v in overrides.items() if v is not None}
     return TextTokenizer(EncoderConfig(model=model, device="cpu", dtype="float32", **fields))
+
+
+def training_texts(encoder: EncoderConfig) -> TextTokenizer:
+    """The tokenizer of a training config's encoder options (``TrainConfig.encoder``: every
+    one of ``TRAINED_ENCODER_OPTIONS``, the prompt included)."""
+    return text_tokenizer(encoder.model, **{name: getattr(encoder, name)
+                                            for name in TRAINED_ENCODER_OPTIONS
+                                            if name != "model"})
