@@ -225,12 +225,15 @@ def encode_table(rows: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------------------- index
 
-def write_vectors(folder: Path, n: int, dim: int, seed: int, rows_per_part: int = 500_000):
-    """``n`` clustered vectors as an embeddings folder (float16 parts + manifest)."""
+def write_vectors(folder: Path, n: int, dim: int, seed: int, rows_per_part: int = 500_000,
+                  stream: int = 0):
+    """``n`` clustered vectors as an embeddings folder (float16 parts + manifest); ``stream``
+    0 is the data, others held-out points of the same mixture."""
     from retriever.io import embeddings, synthetic
 
     parts = []
-    chunks = synthetic.clustered_vector_chunks(n, dim, seed=seed, chunk=rows_per_part)
+    chunks = synthetic.clustered_vector_chunks(n, dim, seed=seed, chunk=rows_per_part,
+                                               stream=stream)
     for i, chunk in enumerate(chunks):
         start = i * rows_per_part
         ids = [f"v{start + j}" for j in range(len(chunk))]
@@ -239,7 +242,8 @@ def write_vectors(folder: Path, n: int, dim: int, seed: int, rows_per_part: int 
     # manifest names a real one (MiniLM; dims differ: served as an asymmetric encoder).
     encoder = {"model": "minilm", "pooling": "mean", "normalize": True, "dim": dim}
     embeddings.write_manifest(str(folder), encoder=encoder, dtype="float16", parts=parts,
-                              source={"url": "synthetic", "fingerprint": f"{n}-{dim}-{seed}"})
+                              source={"url": "synthetic",
+                                      "fingerprint": f"{n}-{dim}-{seed}-{stream}"})
 
 
 def exact_top10(folder: Path, queries: np.ndarray) -> np.ndarray:
@@ -297,6 +301,10 @@ def main(argv=None) -> int:
     state = work / "cluster.json"
     lines: list[str] = []
     started = time.perf_counter()
+    # Ray reads its auth mode once a process, at its first token check (``up`` makes one):
+    # set it first, as the nodes get it (token unless opted out), or the serve section's
+    # ray.init would be refused ("Authentication token is missing or incorrect").
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     cluster = lc.up(lc.LocalClusterConfig(workers=1, head_cpus=1, worker_cpus=1,
                                           state_path=str(state), timeout_s=300))
     try:
@@ -321,17 +329,22 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     from retriever.index import shards as sh
 
     vectors = work / f"vectors-{n}"
-    if not (vectors / "manifest.json").exists():
-        write_vectors(vectors, n, 128, seed)
-    out = work / f"index-{n}"
-    shutil.rmtree(out, ignore_errors=True)
+    # The job picks nprobe on held-out queries of the mixture (stream 2), not on sampled
+    # documents; recall is then measured on other held-out ones (stream 1).
+    tuning = work / "tuning-queries"
+    for folder, rows, stream in ((vectors, n, 0), (tuning, 1000, 2)):
+        if not (folder / "manifest.json").exists():
+            write_vectors(folder, rows, 128, seed, stream=stream)
+    out = work / f"index-{n}"  # a finished one of the same vectors is reused (--work)
     rc, peaks, seconds = run_job(cluster, ["jobs.index", "--embeddings", str(vectors),
                                            "--out", str(out), "--type", "ivfpq",
-                                           "--shards", "8", "--workers", "2"],
+                                           "--shards", "8", "--workers", "2",
+                                           "--queries", str(tuning)],
                                  work / f"index-{n}.log")
     if rc != 0:
         return [f"index: the index job failed (log: {work}/index-{n}.log)"]
     manifest = json.loads((out / "manifest.json").read_text())
+    reused = (out / "manifest.json").stat().st_mtime < time.time() - seconds
     on_disk = sum(f.stat().st_size for f in out.glob("shard-*.faiss"))
     planned = manifest["bytes_per_vector"]["planned"]
     queries = synthetic.clustered_queries(1000, 128, seed=seed)
@@ -340,7 +353,7 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     recall = recall_at_10(found, truth)
     del found
     lines = [f"index ({n:,} clustered vectors, d=128, 8 IVF-PQ shards; machine shared and busy)",
-             f"  build time {seconds:.0f}s, peak RSS of build tasks "
+             f"  build time {seconds:.0f}s{' (REUSED: not built in this run)' if reused else ''}, peak RSS of build tasks "
              f"{peaks.get('build', 0) / 2**20:,.0f} MiB, "
              f"driver {peaks.get('driver', 0) / 2**20:,.0f} MiB",
              f"  bytes per vector on disk {on_disk / n:.1f}, planner {planned:.1f} "
