@@ -70,7 +70,7 @@ def test_the_train_recipes_load_unchanged():
 def test_a_job_may_take_some_encoder_options_only(capsys):
     assert "batch_size" not in cfg.to_dict(TrainConfig(train_data="x"))
     assert "unrecognized" in _parse_error(capsys, TrainConfig,
-                                         ["--train-data", "x", "--prompt", "one-word"])
+                                         ["--train-data", "x", "--instruction", "find code"])
 
 
 def test_required_options_choices_and_bools(capsys):
