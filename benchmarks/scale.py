@@ -17,8 +17,9 @@ Prints one table:
   file), so a read task's memory is compared like for like.
 * **index** (``--vectors``, default 1e7; ``--quick``: 1e6; 0 skips): clustered vectors
   (d=128, ``synthetic.clustered_vectors``) written as an embeddings folder, built by the index
-  job into 8 IVF-PQ shards (nprobe chosen on 1,000 held-out tuning queries): build time, peak RSS of the build tasks, bytes per vector on disk
-  next to the planner's figure (``planner error``), recall@10 against exact search on 1,000
+  job into 8 IVF-PQ shards with an fp16 re-rank store (nprobe chosen on 1,000 held-out tuning
+  queries; SQ8's rounding exceeds the gaps between a blob's neighbours): build time, peak RSS
+  of the build tasks, bytes per vector on disk next to the planner's figure (``planner error``), recall@10 against exact search on 1,000
   other held-out queries.
 * **serve**: the 8 shards through the Ray Serve app without and with mmap: p50/p99 and QPS at
   concurrency 16, each searcher's RSS, anonymous memory and resident shard-file pages.
@@ -335,9 +336,11 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
 
     vectors = work / f"vectors-{n}"
     # The job picks nprobe on held-out queries of the mixture (stream 2), not on sampled
-    # documents; recall is then measured on other held-out ones (stream 1). Measured: recall@10
-    # stays at 0.948 for every nprobe >= 4, with k_factor 4 and 16 alike (so not the PQ16
-    # candidates; likely the SQ8 re-rank ordering a blob's nearly equidistant points).
+    # documents; recall is then measured on other held-out ones (stream 1). The re-rank store
+    # is fp16, not the default SQ8: a blob's points are nearly equidistant (median gap between
+    # a query's 10th and 11th scores 7.7e-4 at 2e5 vectors), below SQ8's rounding, so an SQ8
+    # re-rank caps recall@10 whatever nprobe and k_factor (0.963 at 2e5 vectors, 0.948 at
+    # 1e6 through the job); SQfp16 reaches 1.0 at 2e5 (/tmp probe with faiss directly).
     tuning = work / "tuning-queries"
     for folder, rows, stream in ((vectors, n, 0), (tuning, 1000, 2)):
         if not (folder / "manifest.json").exists():
@@ -346,6 +349,7 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     rc, peaks, seconds = run_job(cluster, ["jobs.index", "--embeddings", str(vectors),
                                            "--out", str(out), "--type", "ivfpq",
                                            "--shards", "8", "--workers", "2",
+                                           "--refine", "SQfp16",
                                            "--queries", str(tuning), "--replace"],
                                  work / f"index-{n}.log")
     if rc != 0:
@@ -359,7 +363,7 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     found = sh.search_all(sh.load_all(str(out), gpu=False, mmap=True), queries, 10)
     recall = recall_at_10(found, truth)
     del found
-    lines = [f"index ({n:,} clustered vectors, d=128, 8 IVF-PQ shards; machine shared and busy)",
+    lines = [f"index ({n:,} clustered vectors, d=128, 8 IVF-PQ shards with an fp16 re-rank store)",
              f"  build time {seconds:.0f}s{' (REUSED: not built in this run)' if reused else ''}, peak RSS of build tasks "
              f"{peaks.get('build', 0) / 2**20:,.0f} MiB, "
              f"driver {peaks.get('driver', 0) / 2**20:,.0f} MiB",
