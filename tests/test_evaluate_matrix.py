@@ -111,11 +111,31 @@ def test_matrices_share_store_artefacts_and_rerun_after_out_is_deleted(tmp_path,
     assert len(manifests) == 1 and json.loads(manifests[0].read_text()) == index  # reused
 
 
+def test_a_model_entry_runs_only_the_datasets_it_names(tmp_path, monkeypatch, ray_local):
+    monkeypatch.setenv("RETRIEVER_STORE", str(tmp_path / "store"))
+    first, second = _tiny_dataset(tmp_path / "a"), _tiny_dataset(tmp_path / "b", docs=24)
+    records, markdown = evaluate.run(evaluate.MatrixConfig(
+        models=["bm25", {"name": "bm25-a", "model": "bm25", "datasets": ["a"]}],
+        datasets=[first, second], matrix_id="m", out=str(tmp_path / "m")))
+    assert [(r.model, r.dataset) for r in records] == [("bm25", "a"), ("bm25-a", "a"),
+                                                       ("bm25", "b")]
+    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines()
+            if line.startswith("| ")}
+    assert rows["b"].endswith("| - |") and rows["*average*"].endswith("| - |")
+    assert not rows["a"].endswith("| - |")
+    with pytest.raises(ValueError, match="'bm25-c': datasets c not in the matrix"):
+        evaluate.run(evaluate.MatrixConfig(
+            models=[{"name": "bm25-c", "model": "bm25", "datasets": ["c"]}],
+            datasets=[first], matrix_id="m", out=str(tmp_path / "m")))
+
+
 def test_matrix_entries_are_validated():
     assert ModelSpec.parse("minilm").name == "minilm"
     spec = ModelSpec.parse({"name": "zs", "model": "smollm2-135m", "prompt": "one-word"})
     assert spec.encoder_options() == {"prompt": "one-word"}
     with pytest.raises(ValueError, match="unknown option"):
         ModelSpec.parse({"model": "minilm", "colour": "red"})
+    with pytest.raises(ValueError, match="datasets must be a list of dataset names"):
+        ModelSpec.parse({"model": "minilm", "datasets": "scifact"})
     with pytest.raises(ValueError, match="expected a path"):
         DatasetSpec.parse({"split": "test"})

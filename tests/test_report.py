@@ -52,6 +52,7 @@ def test_markdown_table_bold_best_average_and_dagger():
     cranfield = next(line for line in lines if line.startswith("| cranfield"))
     assert "**0.3000**" in cranfield and cranfield.endswith("| - |")
     assert lines[-1].startswith("| *average* |") and "**0.5000**" in lines[-1]
+    assert lines[-1].endswith("| - |")  # 'other' has no cranfield cell: no average
 
 
 def test_plot_and_html_report_render():

@@ -40,6 +40,7 @@ class ModelSpec:
     model: str
     options: tuple = ()  # sorted (key, value) pairs of Encoder options
     fusion: FusionConfig | None = None  # set for a hybrid (bm25+<model>) only
+    datasets: tuple = ()  # the dataset names it runs on; empty: every dataset of the matrix
 
     @property
     def is_bm25(self) -> bool:
@@ -76,8 +77,8 @@ class ModelSpec:
         label = repr(entry.get("name", entry["model"]))
         hybrid = hybrid_dense_model(entry["model"]) is not None
         allowed = _encoder_options()
-        unknown = set(entry) - allowed - {"name", "model"} - (set(FUSION_OPTIONS) if hybrid
-                                                              else set())
+        unknown = (set(entry) - allowed - {"name", "model", "datasets"}
+                   - (set(FUSION_OPTIONS) if hybrid else set()))
         if unknown:
             raise InputError(f"model entry {label}: unknown option(s) "
                              f"{', '.join(sorted(unknown))}"
@@ -92,7 +93,30 @@ class ModelSpec:
                                          in FUSION_OPTIONS.items() if key in entry})
             except (InputError, TypeError) as err:
                 raise InputError(f"model entry {label}: {err}") from err
-        return cls(name=name, model=entry["model"], options=options, fusion=fusion)
+        return cls(name=name, model=entry["model"], options=options, fusion=fusion,
+                   datasets=_dataset_names(entry.get("datasets", ()), label))
+
+    def runs_on(self, dataset: str) -> bool:
+        return not self.datasets or dataset in self.datasets
+
+
+def _dataset_names(names, label: str) -> tuple:
+    """A model entry's ``datasets:`` (the cells it runs; the others stay empty, e.g. a slow
+    backbone left off a side collection): a list of dataset names."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"model entry {label}: datasets must be a list of dataset names, got "
+                         f"{names!r}")
+    return tuple(names)
+
+
+def check_dataset_names(models: list[ModelSpec], datasets: list["DatasetSpec"]) -> None:
+    """Refuse a model entry's ``datasets:`` naming a dataset the matrix does not have."""
+    known = {d.name for d in datasets}
+    for model in models:
+        unknown = sorted(set(model.datasets) - known)
+        if unknown:
+            raise InputError(f"model entry {model.name!r}: datasets {', '.join(unknown)} not in "
+                             f"the matrix (its datasets: {', '.join(sorted(known))})")
 
 
 def _last_segment(path: str) -> str:

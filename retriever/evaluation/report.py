@@ -170,7 +170,8 @@ def markdown_table(results: Results, models: list[str], metric: str = "ndcg@10",
                 text += "†"
             cells.append(f"**{text}**" if value == best else text)
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-    averages = {m: sum(v) / len(v) for m, v in columns.items() if v}
+    # Only over every row: a model left off a dataset (``datasets:``) gets no average.
+    averages = {m: sum(v) / len(v) for m, v in columns.items() if v and len(v) == len(results)}
     best_avg = max(averages.values(), default=None)
     cells = [(f"**{averages[m]:.4f}**" if averages[m] == best_avg else f"{averages[m]:.4f}")
              if m in averages else "-" for m in models]

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from retriever import console
 from retriever.evaluation.matrix import (PER_QUERY, DatasetSpec, ModelSpec, RunRecord,
-                                         cell_key, dataset_fingerprint, finished)
+                                         cell_key, check_dataset_names, dataset_fingerprint,
+                                         finished)
 from retriever.io import store
 
 @dataclass
@@ -210,16 +211,17 @@ def run_matrix(config: MatrixConfig) -> tuple[list[RunRecord], str]:
 
     models = [ModelSpec.parse(m) for m in config.models]
     datasets = [DatasetSpec.parse(d) for d in config.datasets]
+    check_dataset_names(models, datasets)
+    cells = [(spec, model) for spec in datasets for model in models if model.runs_on(spec.name)]
     root, out = store.default_root(), output_folder(config)
     console.ray_init()
     records: list[RunRecord] = []
-    progress = console.Progress("evaluate", len(models) * len(datasets), "runs")
-    for spec in datasets:
-        for model in models:
-            record = run_cell(config, model, spec, root, out)
-            records.append(record)
-            progress.write(f"[{len(records)}/{progress.total}] {model.name} on {spec.name}: "
-                           f"ndcg@10 {record.metrics['ndcg@10']:.4f} "
-                           f"({'reused' if record.reused else 'computed'})", advance=1)
+    progress = console.Progress("evaluate", len(cells), "runs")
+    for spec, model in cells:
+        record = run_cell(config, model, spec, root, out)
+        records.append(record)
+        progress.write(f"[{len(records)}/{progress.total}] {model.name} on {spec.name}: "
+                       f"ndcg@10 {record.metrics['ndcg@10']:.4f} "
+                       f"({'reused' if record.reused else 'computed'})", advance=1)
     progress.close()
     return records, write_report(config, records, out)
