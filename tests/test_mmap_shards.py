@@ -1,6 +1,8 @@
 """Memory-mapped shards (issue 11): ``IndexShard.load(..., mmap=True)`` answers exactly like a
 shard read into memory, holds a small part of the shard's bytes, and maps a remote shard from
-a local cache copy named by its sha256 (retriever/index/shards.py)."""
+a local cache copy named by its sha256 (retriever/index/shards.py). Id maps
+(retriever/index/idmap.py) answer like lists of ids; mapped, they hold no anonymous memory, and
+their cache copies are checked and made again when corrupt."""
 
 from __future__ import annotations
 
@@ -9,11 +11,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs.cli import main
 from retriever.errors import InputError
+from retriever.index import idmap
 from retriever.index import shards as sh
+from retriever.index.exact import search_index
 from retriever.io import store, synthetic
 from tests.helpers import REPO
 from tests.index_fixtures import write_embeddings
@@ -26,6 +32,12 @@ def embed(folder, rows, centres, seed=0):
     write_embeddings(str(folder), [f"d{i:06d}" for i in range(rows)], vectors,
                      {"model": "synthetic"}, rows_per_part=50_000)
     return vectors
+
+
+@pytest.fixture(autouse=True)
+def shard_cache(tmp_path, monkeypatch):
+    """Local mapped loads copy id maps into the shard cache: a throw-away one here."""
+    monkeypatch.setenv("RETRIEVER_SHARD_CACHE", str(tmp_path / "shard-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +64,9 @@ RSS_PROBE = r"""
 import json, sys
 import numpy as np
 import psutil
+from retriever.index import idmap
 from retriever.index import shards as sh
+from retriever.index.exact import search_index
 
 def anon_kb():
     for line in open("/proc/self/status"):
@@ -111,8 +125,9 @@ def test_a_remote_shard_is_mapped_from_a_verified_cache_copy(tmp_path):
     manifest = sh.read_manifest(remote)
     cache = str(tmp_path / "cache")
     mapped = sh.load_all(remote, mmap=True, cache_dir=cache)
-    assert sorted(os.listdir(cache)) == sorted(f"{s['sha256']}.faiss"
-                                               for s in manifest["shards"])
+    assert sorted(os.listdir(cache)) == sorted(
+        [f"{s['sha256']}.faiss" for s in manifest["shards"]]
+        + [f"{s['ids_sha256']}.ids.arrow" for s in manifest["shards"]])
     in_memory = sh.load_all(remote)
     assert sh.search_all(mapped, vectors[:30], 10) == sh.search_all(in_memory, vectors[:30], 10)
     # the copy is reused: the remote shard file is not read again
@@ -125,3 +140,153 @@ def test_a_remote_shard_is_mapped_from_a_verified_cache_copy(tmp_path):
     with pytest.raises(InputError, match="sha256 does not match the index manifest"):
         sh.IndexShard.load(remote, 0, manifest, mmap=True, cache_dir=str(tmp_path / "other"))
     assert os.listdir(tmp_path / "other") == []
+
+
+# --------------------------------------------------------------------------- id maps
+
+def test_an_id_map_answers_like_a_list_of_ids(tmp_path):
+    """search_index over an IdMap (in memory and mapped) = over the list of the same ids,
+    ties broken by doc id and FAISS' -1 padding (nprobe 1 finds fewer than k) included."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors[2000:2010] = vectors[5]  # ties at the top of query 0
+    ids = [f"doc-{(i * 7919) % 3000:05d}" for i in range(3000)]  # not sorted by row
+    queries = np.vstack([vectors[5], rng.standard_normal((29, 16))]).astype(np.float32)
+    ivf = sh.new_index("IVF64,Flat", 16)
+    ivf.train(vectors)
+    ivf.add(vectors)
+    ivf.nprobe = 1
+    mapped = idmap.write_mapped(idmap.IdMap.of(ids), str(tmp_path / "ids.arrow"), "x" * 64)
+    flat = sh.new_index("Flat", 16)
+    flat.add(vectors)
+    for index in (ivf, flat):
+        expected = search_index(index, ids, queries, 100)
+        assert search_index(index, idmap.IdMap.of(ids), queries, 100) == expected
+        assert search_index(index, mapped, queries, 100) == expected
+    assert mapped.take(np.array([2, 0, 2])) == [ids[2], ids[0], ids[2]] and mapped[1] == ids[1]
+    with pytest.raises(IndexError):
+        mapped.take(np.array([3000]))
+
+
+def test_an_id_map_that_is_not_strings_is_a_clear_error():
+    with pytest.raises(InputError, match="ids.parquet: doc ids must be strings, got int64"):
+        idmap.IdMap(pa.array([1, 2]), "ids.parquet")
+    with pytest.raises(InputError, match="1 doc ids are null"):
+        idmap.IdMap(pa.array(["a", None]))
+
+
+ANON_PROBE = r"""
+import json, sys
+import numpy as np
+from retriever.index import shards as sh
+
+def anon_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+def load(url, sha256, cache, how, rows):
+    if how == "list":  # the id map as it was held before issue 11
+        ids = sh._read_ids(url, sha256).to_pylist()
+        return ids, [ids[r] for r in rows.tolist()]
+    ids = sh._read_ids(url, sha256) if how == "memory" else sh.cached_ids(url, sha256, cache)
+    return ids, ids.take(rows)
+
+url, sha256, warm_url, warm_sha256, cache, how = sys.argv[1:7]
+load(warm_url, warm_sha256, cache, how, np.arange(10))  # imports and first-call set-up
+rows = np.random.default_rng(0).integers(0, 300_000, 1000)
+before = anon_kb()
+ids, found = load(url, sha256, cache, how, rows)
+print(json.dumps({"anon": (anon_kb() - before) * 1024, "ids": len(ids), "some": found[:3]}))
+"""
+
+
+def write_id_map(url: str, rows: int) -> str:
+    store.write_parquet(pa.table({"doc_id": [f"doc-{i:012d}" for i in range(rows)]}), url)
+    return sh.embeddings.sha256_of(url)
+
+
+def anon_growth(folder, how: str) -> dict:
+    """RssAnon growth of a fresh process loading the 300k-id map at ``folder`` (``list``: as a
+    list of str, ``memory``: an in-memory IdMap, ``mmap``: mapped from the cache copy), after
+    loading a 10-id one the same way (imports and first-call set-up are not the id map's)."""
+    args = [str(folder / "ids.parquet"), (folder / "sha").read_text(),
+            str(folder / "warm.parquet"), (folder / "warm-sha").read_text(),
+            str(folder / "cache"), how]
+    proc = subprocess.run([sys.executable, "-c", ANON_PROBE, *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_mapped_id_map_holds_no_anonymous_memory(tmp_path):
+    (tmp_path / "sha").write_text(write_id_map(str(tmp_path / "ids.parquet"), 300_000))
+    (tmp_path / "warm-sha").write_text(write_id_map(str(tmp_path / "warm.parquet"), 10))
+    made = anon_growth(tmp_path, "mmap")  # makes the cache copy
+    assert f"{(tmp_path / 'sha').read_text()}.ids.arrow" in os.listdir(tmp_path / "cache")
+    mapped = anon_growth(tmp_path, "mmap")  # reuses it (content checked)
+    listed = anon_growth(tmp_path, "list")
+    compact = anon_growth(tmp_path, "memory")
+    print(f"RssAnon growth for 300k ids: list {listed['anon'] / 2**20:.1f} MiB, "
+          f"IdMap in memory {compact['anon'] / 2**20:.1f} MiB, mapped "
+          f"{mapped['anon'] / 2**20:.1f} MiB (making the copy {made['anon'] / 2**20:.1f} MiB)")
+    assert mapped["some"] == listed["some"] == compact["some"] == made["some"]
+    assert listed["anon"] > 20 * 2**20  # the measurement sees ~70 bytes an id
+    assert mapped["anon"] < 2 * 2**20
+    assert compact["anon"] < listed["anon"] / 2
+
+
+def _replace(path: str, data: bytes) -> None:
+    """A new file under ``path`` (a new inode: rewriting a file in place under a live mapping
+    would fault the loads that map it, here and in any searcher)."""
+    with open(path + ".new", "wb") as handle:
+        handle.write(data)
+    os.replace(path + ".new", path)
+
+
+def test_a_corrupt_or_foreign_id_map_copy_is_made_again(small):
+    out, cache = str(small / "flat-ids"), str(small / "cache")
+    sh.build(str(small / "emb"), out, 2, sh.IndexSpec("flat"))
+    manifest = sh.read_manifest(out)
+    queries = synthetic.clustered_queries(20, dim=DIM, centres=100)
+    expected = sh.search_all(sh.load_all(out, gpu="no"), queries, 10)
+    assert sh.search_all(sh.load_all(out, mmap=True, cache_dir=cache), queries, 10) == expected
+    first, second = (os.path.join(cache, f"{s['ids_sha256']}.ids.arrow")
+                     for s in manifest["shards"])
+    pristine = open(first, "rb").read()
+    assert pristine.count(b"d000123") == 1
+    _replace(first, pristine.replace(b"d000123", b"d000124"))  # valid Arrow, one id changed
+    assert idmap.open_mapped(first, manifest["shards"][0]["ids_sha256"]) is None
+    shard = sh.IndexShard.load(out, 0, manifest, mmap=True, cache_dir=cache)
+    assert open(first, "rb").read() == pristine
+    _replace(first, pristine[:len(pristine) // 2])  # truncated
+    sh.IndexShard.load(out, 0, manifest, mmap=True, cache_dir=cache)
+    assert open(first, "rb").read() == pristine
+    os.replace(second, first)  # another id map's copy under this one's name
+    again = sh.load_all(out, mmap=True, cache_dir=cache)
+    assert open(first, "rb").read() == pristine and os.path.exists(second)
+    assert sh.search_all(again, queries, 10) == expected
+    assert shard.ids.to_pylist() == again[0].ids.to_pylist()
+
+
+def test_an_id_map_that_does_not_match_its_manifest_never_enters_the_cache(small):
+    out, cache = str(small / "flat-changed"), str(small / "cache-changed")
+    sh.build(str(small / "emb"), out, 2, sh.IndexSpec("flat"))
+    manifest = sh.read_manifest(out)
+    ids_url = os.path.join(out, manifest["shards"][0]["ids"])
+    store.write_parquet(pa.table({"doc_id": [f"x{i}" for i in range(3000)]}), ids_url)
+    with pytest.raises(InputError, match="sha256 does not match the index manifest"):
+        sh.IndexShard.load(out, 0, manifest, mmap=True, cache_dir=cache)
+    assert os.listdir(cache) == []
+
+
+def test_a_shard_on_s3_maps_its_id_map_from_the_cache(s3_env, small):
+    remote, cache = f"{s3_env}/index", str(small / "cache-s3")
+    sh.build(str(small / "emb"), remote, 2, sh.IndexSpec("flat"))
+    manifest = sh.read_manifest(remote)
+    queries = synthetic.clustered_queries(20, dim=DIM, centres=100)
+    mapped = sh.load_all(remote, mmap=True, cache_dir=cache)
+    assert sorted(os.listdir(cache)) == sorted(
+        [f"{s['sha256']}.faiss" for s in manifest["shards"]]
+        + [f"{s['ids_sha256']}.ids.arrow" for s in manifest["shards"]])
+    assert sh.search_all(mapped, queries, 10) == sh.search_all(sh.load_all(remote), queries, 10)

@@ -4,6 +4,8 @@ top-k search every FAISS index here answers through (:func:`search_index`).
 With L2-normalised vectors inner product is cosine similarity. Results come back in
 trec_eval order (see ``retriever.index.ranking``); ``TIE_MARGIN`` extra neighbours are fetched
 so that a tie at the cut-off is still broken by doc id rather than by FAISS' internal order.
+Row r's doc id comes from ``ids``: a plain sequence of str or a compact
+:class:`retriever.index.idmap.IdMap` (a shard's), looked up for all hits of a batch at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from retriever.index.idmap import IdMap, lookup
 from retriever.index.ranking import TIE_MARGIN, Hit, order
 
 
@@ -38,7 +41,7 @@ def as_float32(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def search_index(index: "faiss.Index", ids: Sequence[str], queries: np.ndarray,
+def search_index(index: "faiss.Index", ids: Sequence[str] | IdMap, queries: np.ndarray,
                  k: int) -> list[list[Hit]]:
     """Top-k of each query row in ``index`` (whose label r is ``ids[r]``), in trec_eval order."""
     queries = as_float32(queries, "queries")
@@ -48,8 +51,11 @@ def search_index(index: "faiss.Index", ids: Sequence[str], queries: np.ndarray,
     if fetch == 0 or k < 1:
         return [[] for _ in range(queries.shape[0])]
     scores, rows = index.search(queries, fetch)
-    return [order(((ids[r], float(s)) for r, s in zip(row, score) if r >= 0), k)
-            for row, score in zip(rows, scores)]
+    found = rows >= 0  # FAISS pads a short answer with label -1
+    names, values = lookup(ids, rows[found]), scores[found].tolist()
+    ends = np.cumsum(found.sum(axis=1)).tolist()
+    return [order(zip(names[start:end], values[start:end]), k)
+            for start, end in zip([0] + ends[:-1], ends)]
 
 
 class ExactSearcher:

@@ -35,7 +35,11 @@ strings and bytes per vector: :mod:`retriever.index.types` (``IndexSpec``, re-ex
 Loading: :meth:`IndexShard.load` reads a shard into memory, or with ``mmap=True`` maps it
 (``faiss.IO_FLAG_MMAP_IFC``: code stores, IVF lists and rescoring stores stay in the page
 cache); a remote shard is then mapped from a local copy named by its sha256 under the shard
-cache (:func:`cached_copy`), checked once when it is copied.
+cache (:func:`cached_copy`), checked once when it is copied. Id maps are held as one Arrow
+string array (:mod:`retriever.index.idmap`, no Python object per id); with ``mmap=True`` they
+are memory-mapped too, from an Arrow IPC copy of the parquet id map under the same cache
+(:func:`cached_ids`, named by the id map's sha256, local and remote indexes alike), so a
+searcher's own memory does not grow with its shard.
 
 Recall@k is measured while building: a sample of documents serves as queries (each one's own
 document excluded from both rankings); every shard reports its exact and approximate top-k
@@ -66,12 +70,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import faiss
 import numpy as np
@@ -80,11 +84,16 @@ import pyarrow as pa
 from retriever import provenance
 from retriever.io import embeddings, store
 from retriever.errors import InputError
+from retriever.index import idmap
 from retriever.index.exact import ExactSearcher, search_index, to_gpu_if_available
+from retriever.index.idmap import IdMap
 from retriever.index.ranking import Hit, merge
 from retriever.index.types import (  # noqa: F401  (re-exported: shards.IndexSpec etc.)
     METRIC, MIN_POINTS_PER_CENTROID, PARAM, TYPES, IndexSpec, footprint, new_index,
     set_search_params)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT = "retriever.index/1"
 MANIFEST = "manifest.json"
@@ -468,6 +477,28 @@ def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _cache_path(cache_dir: str | None, name: str) -> str:
+    folder = cache_folder(cache_dir)
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
+def _into_cache(final: str, make: Callable[[str], T]) -> T:
+    """``make(path)`` writes (and checks) a file at a temporary name beside ``final``; only
+    when it returns is the file renamed to ``final`` (atomically: a reader sees a whole,
+    checked file or none). Returns what ``make`` returned."""
+    partial = tempfile.NamedTemporaryFile(dir=os.path.dirname(final), delete=False,
+                                          prefix=f".{os.path.basename(final)[:16]}-")
+    partial.close()
+    try:
+        made = make(partial.name)
+        os.replace(partial.name, final)
+    finally:
+        if os.path.exists(partial.name):
+            os.remove(partial.name)
+    return made
+
+
 def cached_copy(url: str, sha256: str, cache_dir: str | None = None) -> str:
     """A local copy of the remote file ``url`` whose content is ``sha256``, named by it.
 
@@ -475,22 +506,38 @@ def cached_copy(url: str, sha256: str, cache_dir: str | None = None) -> str:
     into place, so a file under its final name was verified once and is reused as is by
     every later load (the name is the content's checksum: a changed shard gets a new name).
     """
-    folder = cache_folder(cache_dir)
-    os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, f"{sha256}.faiss")
+    final = _cache_path(cache_dir, f"{sha256}.faiss")
     if os.path.exists(final):
         return final
     fs, path = store.filesystem(url)
-    partial = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{sha256[:16]}-", delete=False)
-    partial.close()
-    try:
-        fs.get(path, partial.name)
-        _check_sha256(partial.name, url, sha256)
-        os.replace(partial.name, final)
-    finally:
-        if os.path.exists(partial.name):
-            os.remove(partial.name)
+
+    def fetch(local: str) -> None:
+        fs.get(path, local)
+        _check_sha256(local, url, sha256)
+
+    _into_cache(final, fetch)
     return final
+
+
+def cached_ids(url: str, sha256: str, cache_dir: str | None = None,
+               check: bool = True) -> IdMap:
+    """The id map at ``url`` (parquet, content ``sha256``) memory-mapped from an Arrow IPC
+    copy ``<sha256>.ids.arrow`` under the shard cache (:mod:`retriever.index.idmap`).
+
+    The copy is made from the source once its bytes matched ``sha256``, written beside its
+    final name and renamed into place (as :func:`cached_copy`). A copy found there is used
+    only if it names that source and (``check``: read once) its content checksum holds; a
+    corrupt, truncated or foreign copy is made again, never used."""
+    final = _cache_path(cache_dir, f"{sha256}.ids.arrow")
+    if os.path.exists(final):
+        reused = idmap.open_mapped(final, sha256, check)
+        if reused is not None:
+            return reused
+        log.warning("%s: not a valid copy of %s; making it again", final, url)
+    mapped = _into_cache(final, lambda local: idmap.write_mapped(_read_ids(url, sha256),
+                                                                   local, sha256))
+    pa.default_memory_pool().release_unused()  # the in-memory table it was made from
+    return mapped
 
 
 def read_index(url: str, sha256: str | None = None, mmap: bool = False,
@@ -520,24 +567,27 @@ def read_index(url: str, sha256: str | None = None, mmap: bool = False,
         return faiss.read_index(local)
 
 
-def _read_ids(url: str, sha256: str | None = None) -> list[str]:
-    """A shard's id map; with ``sha256`` its bytes are checked against it first."""
-    import pyarrow.parquet as pq
-
+def _read_ids(url: str, sha256: str | None = None) -> IdMap:
+    """A shard's id map, in memory; with ``sha256`` its bytes are checked against it first."""
     data = store.read_bytes(url)
     if sha256 is not None:
         _refuse_changed(url, hashlib.sha256(data), sha256)
-    return pq.read_table(io.BytesIO(data)).column("doc_id").to_pylist()
+    ids = idmap.from_parquet(data, url)
+    # Decoding parquet leaves freed buffers in Arrow's allocator (mimalloc keeps them, a few
+    # times the id map's size); handed back here so they do not stay with a searcher.
+    pa.default_memory_pool().release_unused()
+    return ids
 
 
 class IndexShard:
     """One FAISS shard of an index and its id map; ``search`` answers in trec_eval order."""
 
-    def __init__(self, index: "faiss.Index", ids: Sequence[str], index_type: str = "flat",
-                 name: str = "shard", search_params: dict | None = None):
+    def __init__(self, index: "faiss.Index", ids: Sequence[str] | IdMap,
+                 index_type: str = "flat", name: str = "shard",
+                 search_params: dict | None = None):
         if index.ntotal != len(ids):
             raise InputError(f"{name}: index holds {index.ntotal} vectors, id map {len(ids)}")
-        self.index, self.ids, self.type, self.name = index, list(ids), index_type, name
+        self.index, self.ids, self.type, self.name = index, IdMap.of(ids), index_type, name
         self.dim = index.d
         self.search_params: dict = {}
         self.set_search_params(search_params or {})
@@ -557,7 +607,8 @@ class IndexShard:
         and its id map against the manifest's sha256 (off only to save reading huge shards
         twice where the storage itself is trusted). ``mmap`` maps the shard file instead of
         reading it (see :func:`read_index`; a remote shard is mapped from a verified local
-        copy under ``cache_dir``) and keeps it on the CPU."""
+        copy under ``cache_dir``) and keeps it on the CPU; its id map is mapped too, from an
+        Arrow copy under ``cache_dir`` (:func:`cached_ids`)."""
         manifest = manifest or read_manifest(folder)
         if not 0 <= number < len(manifest["shards"]):
             raise InputError(f"{folder}: no shard {number} (the index has "
@@ -566,7 +617,9 @@ class IndexShard:
         url = store.join(folder, entry["index"])
         index = read_index(url, entry["sha256"] if verify or mmap and not store.is_local(url)
                             else None, mmap, cache_dir)
-        ids = _read_ids(store.join(folder, entry["ids"]), entry["ids_sha256"] if verify else None)
+        ids_url = store.join(folder, entry["ids"])
+        ids = (cached_ids(ids_url, entry["ids_sha256"], cache_dir, check=verify) if mmap else
+               _read_ids(ids_url, entry["ids_sha256"] if verify else None))
         if manifest["type"] == "flat" and not mmap and use_gpu(gpu):
             index = to_gpu_if_available(index)
         return cls(index, ids, manifest["type"], shard_name(number),
