@@ -22,7 +22,11 @@ Prints one table:
   of the build tasks, bytes per vector on disk next to the planner's figure (``planner error``), recall@10 against exact search on 1,000
   other held-out queries.
 * **serve**: the 8 shards through the Ray Serve app without and with mmap: p50/p99 and QPS at
-  concurrency 16, each searcher's RSS, anonymous memory and resident shard-file pages.
+  concurrency 16, each searcher's RSS, anonymous memory and resident shard-file pages (the
+  ``.faiss`` file and, with mmap, its id map's Arrow copy), then one summary line per mode:
+  the mean searcher's RSS over its shard's bytes, and the anonymous memory the shard itself
+  holds (measured in a probe process that loads shard 0 the same way and searches the same
+  queries one at a time: its RssAnon growth, after a first shard took the one-time set-up).
 
 Everything generated goes under ``--work`` (default: a temporary folder, removed at the end
 unless ``--keep``). The machine may be shared: every figure says so, and only the ratios
@@ -311,6 +315,9 @@ def main(argv=None) -> int:
     # set it first, as the nodes get it (token unless opted out), or the serve section's
     # ray.init would be refused ("Authentication token is missing or incorrect").
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # The mapped searchers' id map copies (``shards.cached_ids``) go under --work, not ~/.cache:
+    # the nodes, and so the searchers, inherit this environment.
+    os.environ.setdefault("RETRIEVER_SHARD_CACHE", str(work / "shard-cache"))
     cluster = lc.up(lc.LocalClusterConfig(workers=1, head_cpus=1, worker_cpus=1,
                                           state_path=str(state), timeout_s=300))
     try:
@@ -379,7 +386,10 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
 
 # ---------------------------------------------------------------------------- serve
 
-def mapped_rss(pid: int, suffix: str) -> int:
+SHARD_FILES = (".faiss", ".ids.arrow")  # a mapped shard: its FAISS file, its id map's copy
+
+
+def mapped_rss(pid: int, suffix: str | tuple[str, ...]) -> int:
     """Resident bytes of the process's file mappings whose path ends with ``suffix`` (the
     memory-mapped shard's pages this process has touched, from /proc/<pid>/smaps)."""
     total, inside = 0, False
@@ -398,7 +408,7 @@ def mapped_rss(pid: int, suffix: str) -> int:
 
 def searcher_rss(cluster) -> dict[int, dict[str, int]]:
     """ShardSearcher-N replica -> its memory (bytes): ``rss``; ``anon`` (RssAnon: what the
-    process itself allocated); ``mapped`` (the shard file's resident pages, page cache the
+    process itself allocated); ``mapped`` (the shard files' resident pages, page cache the
     kernel can drop)."""
     out = {}
     for raylet in raylets(cluster):
@@ -411,7 +421,7 @@ def searcher_rss(cluster) -> dict[int, dict[str, int]]:
             if memory and "ShardSearcher-" in title and title.startswith("ray::"):
                 number = int(title.split("ShardSearcher-")[1].split()[0].split(".")[0])
                 out[number] = {"rss": memory["VmRSS"], "anon": memory.get("RssAnon", 0),
-                               "mapped": mapped_rss(proc.pid, ".faiss")}
+                               "mapped": mapped_rss(proc.pid, SHARD_FILES)}
     return out
 
 
@@ -449,7 +459,41 @@ def serve_section(cluster, index: Path, queries: np.ndarray, manifest: dict) -> 
     finally:
         serve.shutdown()
         ray.shutdown()
-    return lines + searcher_lines(memory, sizes)
+    probe = {mmap: shard_anon(index, queries, mmap) for mmap in (False, True)}
+    return lines + searcher_lines(memory, sizes, probe)
+
+
+SHARD_ANON_PROBE = r"""
+import sys
+import numpy as np
+from retriever.index import shards as sh
+
+def anon():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith("RssAnon:"))
+
+folder, mmap, queries = sys.argv[1], sys.argv[2] == "mmap", np.load(sys.argv[3])
+manifest = sh.read_manifest(folder)
+warm = sh.IndexShard.load(folder, 1, manifest, gpu="no", mmap=mmap)  # imports, first calls
+for query in queries[:64]:
+    warm.search(query[None], 10)
+before = anon()
+shard = sh.IndexShard.load(folder, 0, manifest, gpu="no", mmap=mmap)
+for query in queries:
+    shard.search(query[None], 10)
+print(anon() - before)
+"""
+
+
+def shard_anon(index: Path, queries: np.ndarray, mmap: bool) -> int:
+    """RssAnon growth (bytes) of a fresh process loading shard 0 of ``index`` as a searcher
+    does (``IndexShard.load``, with or without mmap) and answering ``queries`` one at a time."""
+    path = index.parent / "probe-queries.npy"
+    np.save(path, queries)
+    proc = subprocess.run([sys.executable, "-c", SHARD_ANON_PROBE, str(index),
+                           "mmap" if mmap else "read", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, check=True)
+    return int(proc.stdout.split()[-1])
 
 
 def _wait_gone(cluster, timeout_s: float = 60.0) -> None:
@@ -459,27 +503,43 @@ def _wait_gone(cluster, timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def searcher_lines(memory: dict[bool, dict], sizes: dict[int, int]) -> list[str]:
-    """Each searcher's memory without and with mmap next to its shard file's bytes.
+def searcher_lines(memory: dict[bool, dict], sizes: dict[int, int],
+                   probe: dict[bool, int]) -> list[str]:
+    """Each searcher's memory without and with mmap next to its shard file's bytes, then
+    :func:`summary_lines`.
 
-    A replica's RSS includes its process (Python, Ray, FAISS, the id list: ~200 MiB before any
-    shard), so at small shards the RSS ratio says little; ``held`` is the shard's own share with
-    mmap, estimated as the shard's bytes, less the anonymous memory mmap saved against the
-    in-memory load of the same shard, plus the shard file's resident pages; ``anon`` is that
-    share without the resident pages (page cache: the kernel drops it under pressure)."""
+    A replica's RSS includes its process (Python, Ray, FAISS: ~200-250 MiB before any shard),
+    so at small shards the RSS ratio says little; the shard files' resident pages are page
+    cache (the kernel drops them under pressure)."""
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-    lines = ["  searcher memory, MiB: RSS (anon, shard file pages resident) without | with mmap; "
-             "shard = its .faiss file"]
+    lines = ["  searcher memory, MiB: RSS (anon, shard files' pages resident) without | with "
+             "mmap; shard = its .faiss file"]
     for n in sorted(set(memory.get(False, {})) & set(memory.get(True, {}))):
         plain, mapped, size = memory[False][n], memory[True][n], sizes[n]
-        held = size - (plain["anon"] - mapped["anon"]) + mapped["mapped"]
         lines.append(
             f"    searcher {n}: {mib(plain['rss'])} ({mib(plain['anon'])}, "
             f"{mib(plain['mapped'])}) | {mib(mapped['rss'])} ({mib(mapped['anon'])}, "
             f"{mib(mapped['mapped'])}); shard {mib(size)}; RSS with mmap = "
-            f"{mapped['rss'] / size:.2f}x shard, held for the shard {held / size:.2f}x "
-            f"(anon {(held - mapped['mapped']) / size:.2f}x)")
-    return lines
+            f"{mapped['rss'] / size:.2f}x shard, shard files' pages resident "
+            f"{mapped['mapped'] / size:.2f}x")
+    return lines + summary_lines(memory, sizes, probe)
+
+
+def summary_lines(memory: dict[bool, dict], sizes: dict[int, int],
+                  probe: dict[bool, int]) -> list[str]:
+    """One line per mode over the searchers measured in both: the mean RSS over the mean shard
+    (.faiss bytes); the anonymous memory held for the shard from the probe process
+    (:func:`shard_anon`, shard 0 over its bytes); the rest is the process itself."""
+    both = sorted(set(memory.get(False, {})) & set(memory.get(True, {})))
+    if not both:
+        return []
+    mean = lambda mode, key: sum(memory[mode][n][key] for n in both) / len(both)  # noqa: E731
+    size = sum(sizes[n] for n in both) / len(both)
+    return [f"  searcher RSS without mmap: {mean(False, 'rss') / size:.2f}x shard (anonymous "
+            f"held for the shard: {probe[False] / sizes[0]:.2f}x; the rest: the process)",
+            f"  searcher RSS with mmap: {mean(True, 'rss') / size:.2f}x shard (anonymous held "
+            f"for the shard: {probe[True] / sizes[0]:.2f}x; the rest: shard pages in the page "
+            f"cache, reclaimable, {mean(True, 'mapped') / size:.2f}x, and the process)"]
 
 
 def recall_at_10(found, truth: np.ndarray) -> float:
