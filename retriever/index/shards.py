@@ -456,13 +456,16 @@ def _refuse_changed(url: str, digest: "hashlib._Hash", expected: str) -> None:
 
 
 def _check_sha256(local: str, url: str, expected: str | None) -> None:
-    """Check a local file in blocks (a shard may be larger than the memory spare)."""
+    """Check a local file in blocks (a shard may be larger than the memory spare), read into
+    one reused 1 MiB buffer: a fresh block a read would leave its size of freed heap behind
+    (glibc keeps it), which a memory-mapped searcher would carry for nothing."""
     if expected is None:
         return
-    digest = hashlib.sha256()
-    with open(local, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
+    digest, block = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(block)
+    with open(local, "rb", buffering=0) as handle:
+        while size := handle.readinto(block):
+            digest.update(view[:size])
     _refuse_changed(url, digest, expected)
 
 
@@ -527,7 +530,9 @@ def cached_ids(url: str, sha256: str, cache_dir: str | None = None,
     The copy is made from the source once its bytes matched ``sha256``, written beside its
     final name and renamed into place (as :func:`cached_copy`). A copy found there is used
     only if it names that source and (``check``: read once) its content checksum holds; a
-    corrupt, truncated or foreign copy is made again, never used."""
+    corrupt, truncated or foreign copy is made again, never used. Cache files are replaced
+    (renamed over), never rewritten in place: a mapped file rewritten in place would fault
+    every process that maps it (SIGBUS)."""
     final = _cache_path(cache_dir, f"{sha256}.ids.arrow")
     if os.path.exists(final):
         reused = idmap.open_mapped(final, sha256, check)
