@@ -17,13 +17,14 @@ RSS without that effect, at some speed cost. ::
     python benchmarks/train_throughput.py --model minilm --per-device-batch-size 8 --group-size 4
     python benchmarks/train_throughput.py --model minilm --per-device-batch-size 128 \
         --group-size 1 --grad-cache-chunk 16 --strategies zero3 ddp --steps 3 \
-        --synthetic-from scifact:train
+        --synthetic-from scifact:train --passage-max-length 64
 
 ``--grad-cache-chunk N`` measures every strategy twice, without and with GradCache (chunks of N
 texts), and prints GradCache's peak memory per worker and samples/s as ratios to the same
 strategy without it (the effective batch is the same: per-device batch x workers). A run that
-fails -- at an effective batch of 256 on MiniLM, the one without GradCache runs out of memory
-on a 24 GB machine -- is printed as FAILED with the reason, and the others still run; on a
+fails -- at an effective batch of 256 on MiniLM with 128-token passages, the one without
+GradCache runs out of memory on a 24 GB machine (~10 GB a worker; with 64 it holds ~7 GB) -- is
+printed as FAILED with the reason, and the others still run; on a
 shared machine, ``RAY_memory_usage_threshold=0.85`` makes this Ray kill its own workers before
 the machine's memory runs out for everyone.
 
@@ -232,7 +233,7 @@ def print_grad_cache(rows: list[dict], args) -> None:
           "ratios against the same strategy without GradCache in this run (a shared, busy "
           "machine: repeat before quoting)")
     header = (f"{'strategy':<10}  {'samples/s':>10}  {'x without':>9}  "
-              f"{'train peak MiB/worker':>22}  {'x without':>9}  losses agree")
+              f"{'train peak MiB/worker':>22}  {'x without':>9}  largest loss difference")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -245,11 +246,15 @@ def print_grad_cache(rows: list[dict], args) -> None:
         else:
             ratios = (f"{r['samples_per_s'] / peer['samples_per_s']:>9.2f}",
                       f"{max(r['peak_memory_mb']) / max(peer['peak_memory_mb']):>9.2f}",
-                      str(max(abs(a - b) for a, b in zip(r["losses"], peer["losses"]))
-                          <= 1e-4))
+                      f"{max(abs(a - b) for a, b in zip(r['losses'], peer['losses'])):.2g}")
         print(f"{r['strategy']:<10}  {r['samples_per_s']:>10.2f}  {ratios[0]}  "
               f"{' / '.join(f'{m:.0f}' for m in r['peak_memory_mb']):>22}  {ratios[1]}  "
               f"{ratios[2]}")
+    # Dropout is on: the run without GradCache draws its masks over the whole batch, GradCache
+    # per chunk, so their losses differ by dropout noise. tests/test_train.py holds GradCache's
+    # gradients to the uncached ones with the same masks (1e-5) and its losses with none.
+    print("(loss difference: dropout draws differ between the two; equality is tested in "
+          "tests/test_train.py)")
 
 
 if __name__ == "__main__":
