@@ -19,8 +19,8 @@ Prints one table:
   (d=128, ``synthetic.clustered_vectors``) written as an embeddings folder, built by the index
   job into 8 IVF-PQ shards with an fp16 re-rank store (nprobe chosen on 1,000 held-out tuning
   queries; SQ8's rounding exceeds the gaps between a blob's neighbours): build time, peak RSS
-  of the build tasks, bytes per vector on disk next to the planner's figure (``planner error``), recall@10 against exact search on 1,000
-  other held-out queries.
+  of the build tasks, bytes per vector on disk next to the planner's figure (``planner
+  error``), recall@10 against exact search on 1,000 other held-out queries.
 * **serve**: the 8 shards through the Ray Serve app without and with mmap: p50/p99 and QPS at
   concurrency 16, each searcher's RSS, anonymous memory and resident shard-file pages (the
   ``.faiss`` file and, with mmap, its id map's Arrow copy), then one summary line per mode:
@@ -347,7 +347,7 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     # is fp16, not the default SQ8: a blob's points are nearly equidistant (median gap between
     # a query's 10th and 11th scores 7.7e-4 at 2e5 vectors), below SQ8's rounding, so an SQ8
     # re-rank caps recall@10 whatever nprobe and k_factor (0.963 at 2e5 vectors, 0.948 at
-    # 1e6 through the job); SQfp16 reaches 1.0 at 2e5 (/tmp probe with faiss directly).
+    # 1e6 through the job); SQfp16 reaches 1.0 at 2e5 (both measured with FAISS directly).
     tuning = work / "tuning-queries"
     for folder, rows, stream in ((vectors, n, 0), (tuning, 1000, 2)):
         if not (folder / "manifest.json").exists():
