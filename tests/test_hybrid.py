@@ -48,7 +48,8 @@ def test_merged_sparse_shards_equal_one_bm25_index(cranfield_index, capsys):
     assert [s["rows"] for s in section["shards"]] == [s["rows"] for s in manifest["shards"]]
     assert section["stats"]["docs"] == len(data.corpus) == 1398
     shards = sparse.load_all(out)
-    assert [s.ids for s in shards] == [sh.IndexShard.load(out, n).ids for n in range(3)]
+    assert [s.ids for s in shards] == [sh.IndexShard.load(out, n).ids.to_pylist()
+                                       for n in range(3)]
     queries = list(data.judged_queries().values())
     merged = sparse.search_all(shards, queries, 100)
     single = BM25Index(data.corpus.passages(), data.corpus.ids).search(queries, 100)
