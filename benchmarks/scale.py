@@ -347,7 +347,7 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     # is fp16, not the default SQ8: a blob's points are nearly equidistant (median gap between
     # a query's 10th and 11th scores 7.7e-4 at 2e5 vectors), below SQ8's rounding, so an SQ8
     # re-rank caps recall@10 whatever nprobe and k_factor (0.963 at 2e5 vectors, 0.948 at
-    # 1e6 through the job); SQfp16 reaches 1.0 at 2e5 (both measured with FAISS directly).
+    # 1e6 through the job); SQfp16 reaches 1.0 at 2e5 (benchmarks/rerank_recall.py).
     tuning = work / "tuning-queries"
     for folder, rows, stream in ((vectors, n, 0), (tuning, 1000, 2)):
         if not (folder / "manifest.json").exists():
