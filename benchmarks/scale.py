@@ -27,6 +27,11 @@ Prints one table:
   the mean searcher's RSS over its shard's bytes, and the anonymous memory the shard itself
   holds (measured in a probe process that loads shard 0 the same way and searches the same
   queries one at a time: its RssAnon growth, after a first shard took the one-time set-up).
+  Last, shard 0 in such a probe under a memory limit of half the shard's bytes (a memory
+  cgroup, ``tests/memory_cgroup.py``, charging all it allocates, reads or maps after
+  start-up), with and without mmap: whether it answers as unlimited, its peak charge and RSS
+  growth; without mmap it must be killed by the limit (needs root; else the line says
+  skipped).
 
 Everything generated goes under ``--work`` (default: a temporary folder, removed at the end
 unless ``--keep``). The machine may be shared: every figure says so, and only the ratios
@@ -39,6 +44,7 @@ between sizes measured in the same run are meant to be compared.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -460,7 +466,8 @@ def serve_section(cluster, index: Path, queries: np.ndarray, manifest: dict) -> 
         serve.shutdown()
         ray.shutdown()
     probe = {mmap: shard_anon(index, queries, mmap) for mmap in (False, True)}
-    return lines + searcher_lines(memory, sizes, probe)
+    return (lines + searcher_lines(memory, sizes, probe) +
+            limited_lines(index, queries, sizes[0]))
 
 
 SHARD_ANON_PROBE = r"""
@@ -494,6 +501,85 @@ def shard_anon(index: Path, queries: np.ndarray, mmap: bool) -> int:
                            "mmap" if mmap else "read", str(path)],
                           capture_output=True, text=True, cwd=REPO, timeout=600, check=True)
     return int(proc.stdout.split()[-1])
+
+
+LIMITED_PROBE = r"""
+import hashlib, json, sys
+import numpy as np
+from retriever.index import shards as sh
+from tests import memory_cgroup
+
+folder, mmap, queries = sys.argv[1], sys.argv[2] == "mmap", np.load(sys.argv[3])
+cgroup, limit = sys.argv[4], int(sys.argv[5])
+manifest = sh.read_manifest(folder)
+warm = sh.IndexShard.load(folder, 1, manifest, gpu="no", mmap=mmap)  # imports, first calls
+for query in queries[:64]:
+    warm.search(query[None], 10)
+del warm
+
+def rss():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith("VmRSS:"))
+
+memory_cgroup.join(cgroup, limit)  # from here on, what this process allocates or maps counts
+before = rss()
+shard = sh.IndexShard.load(folder, 0, manifest, gpu="no", mmap=mmap)
+digest = hashlib.sha256()
+for query in queries:
+    for doc_id, _ in shard.search(query[None], 10)[0]:
+        digest.update(doc_id.encode() + b"\0")
+print(json.dumps({"digest": digest.hexdigest(), "peak": memory_cgroup.peak(cgroup),
+                  "rss_growth": rss() - before}))
+"""
+
+
+def limited_probe(index: Path, queries: Path, mmap: bool, limit: int) -> dict:
+    """Shard 0 loaded and searched (as :func:`shard_anon`) in a fresh process whose memory
+    after start-up (anonymous and page cache, mapped shard pages included) is limited to
+    ``limit`` bytes by a memory cgroup (``tests/memory_cgroup.py``): its answers' digest, peak
+    charge and RSS growth, or ``killed`` when the limit's OOM killer ended it."""
+    from tests import memory_cgroup
+
+    with memory_cgroup.limited_cgroup(f"retriever-scale-{int(mmap)}") as cgroup:
+        memory_cgroup.drop_cached_pages([index, Path(os.environ["RETRIEVER_SHARD_CACHE"])])
+        proc = subprocess.run([sys.executable, "-c", LIMITED_PROBE, str(index),
+                               "mmap" if mmap else "read", str(queries), cgroup, str(limit)],
+                              capture_output=True, text=True, cwd=REPO, timeout=900)
+    if proc.returncode != 0:
+        return {"killed": proc.returncode == -9, "error": proc.stderr[-300:]}
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def limited_lines(index: Path, queries: np.ndarray, shard_bytes: int) -> list[str]:
+    """Shard 0 served under a memory limit of half its bytes, with and without mmap: the
+    mapped searcher must answer as it does unlimited, and the read one must not fit."""
+    from retriever.index import shards as sh
+    from tests import memory_cgroup
+
+    head = ("  searcher under a memory limit of 0.5x its shard (a cgroup, on all it allocates "
+            "or maps after start-up)")
+    if memory_cgroup.writable_root() is None:
+        return [f"{head}: skipped (needs root and a memory cgroup controller)"]
+    path = index.parent / "probe-queries.npy"
+    digest = hashlib.sha256()
+    shard = sh.IndexShard.load(str(index), 0, gpu="no", mmap=True)  # the unlimited answers
+    for query in np.load(path):
+        for doc_id, _ in shard.search(query[None], 10)[0]:
+            digest.update(doc_id.encode() + b"\0")
+    del shard
+    lines = [f"{head}, {len(queries):,} queries one at a time"]
+    for mmap in (True, False):
+        got = limited_probe(index, path, mmap, shard_bytes // 2)
+        if "digest" in got:
+            lines.append(
+                f"    mmap={str(mmap):5} answered; same answers as unlimited: "
+                f"{got['digest'] == digest.hexdigest()}; peak charge "
+                f"{got['peak'] / shard_bytes:.2f}x shard, RSS growth "
+                f"{got['rss_growth'] / shard_bytes:.2f}x shard")
+        else:
+            lines.append(f"    mmap={str(mmap):5} " + ("killed by the limit (out of memory)"
+                         if got["killed"] else f"failed: {got['error']!r}"))
+    return lines
 
 
 def _wait_gone(cluster, timeout_s: float = 60.0) -> None:

@@ -1,5 +1,6 @@
 """Memory-mapped shards (issue 11): ``IndexShard.load(..., mmap=True)`` answers exactly like a
-shard read into memory, holds a small part of the shard's bytes, and maps a remote shard from
+shard read into memory, holds a small part of the shard's bytes, is served under a memory
+limit of half its bytes (where a memory cgroup can be made), and maps a remote shard from
 a local cache copy named by its sha256 (retriever/index/shards.py). Id maps
 (retriever/index/idmap.py) answer like lists of ids; mapped, they hold no anonymous memory, and
 their cache copies are checked and made again when corrupt."""
@@ -22,6 +23,7 @@ from retriever.index import shards as sh
 from retriever.index.exact import search_index
 from retriever.io import store, synthetic
 from tests.helpers import REPO
+from tests import memory_cgroup
 from tests.index_fixtures import write_embeddings
 
 DIM = 128
@@ -96,15 +98,25 @@ def rss_growth(folder: str, mmap: bool, queries) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("kind, extra", [("flat", []),
-                                         ("ivfpq", ["--nlist", "64", "--pq-m", "16",
-                                                    "--pq-nbits", "4", "--refine", "Flat"])])
-def test_a_mapped_shard_holds_a_small_part_of_its_bytes(tmp_path, kind, extra):
-    embed(tmp_path / "emb", 100_000, centres=2000)  # one shard of ~51-54 MB
-    out = str(tmp_path / kind)
-    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--type", kind,
-                 "--recall-queries", "0", "--train-sample", "5000", "--out", out,
-                 *extra]) == 0
+BIG_KINDS = {"flat": [], "ivfpq": ["--nlist", "64", "--pq-m", "16", "--pq-nbits", "4",
+                                    "--refine", "Flat"]}
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """One shard of ~51-54 MB per kind in BIG_KINDS, over the same 100,000 vectors."""
+    root = tmp_path_factory.mktemp("mmap-big")
+    embed(root / "emb", 100_000, centres=2000)
+    for kind, extra in BIG_KINDS.items():
+        assert main(["index", "--embeddings", str(root / "emb"), "--type", kind,
+                     "--recall-queries", "0", "--train-sample", "5000",
+                     "--out", str(root / kind), *extra]) == 0
+    return root
+
+
+@pytest.mark.parametrize("kind", BIG_KINDS)
+def test_a_mapped_shard_holds_a_small_part_of_its_bytes(big, kind):
+    out = str(big / kind)
     size = os.path.getsize(os.path.join(out, "shard-00000.faiss"))
     queries = synthetic.clustered_queries(20, dim=DIM, centres=2000)
     read, mapped = rss_growth(out, False, queries), rss_growth(out, True, queries)
@@ -116,6 +128,51 @@ def test_a_mapped_shard_holds_a_small_part_of_its_bytes(tmp_path, kind, extra):
     assert mapped["load"] < 0.2 * size  # (a few MB: headers, page-fault read-around)
     assert mapped["search_anon"] < 0.1 * size  # touched pages are page cache, not the heap
     assert mapped["hits"] == read["hits"]
+
+
+LIMITED_PROBE = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from retriever.index import shards as sh
+from tests import memory_cgroup
+
+folder, mmap, cgroup, limit = sys.argv[1], sys.argv[2] == "mmap", sys.argv[3], int(sys.argv[4])
+queries = np.asarray(json.loads(sys.argv[5]), dtype=np.float32)
+warm = sh.IndexShard.load(folder, 0, gpu="no", mmap=True)  # the lazy imports, first calls
+warm.search(queries[:1], 10)
+del warm
+memory_cgroup.drop_cached_pages([Path(folder)])  # read anew, under the limit
+memory_cgroup.join(cgroup, limit)  # from here on the shard is what the limit holds
+shard = sh.IndexShard.load(folder, 0, gpu="no", mmap=mmap)
+hits = [shard.search(query[None], 10)[0] for query in queries]
+print(json.dumps({"hits": hits, "peak": memory_cgroup.peak(cgroup)}))
+"""
+
+
+@pytest.mark.skipif(memory_cgroup.writable_root() is None,
+                    reason="needs root and a memory cgroup controller")
+@pytest.mark.parametrize("kind", BIG_KINDS)
+def test_a_mapped_shard_is_served_in_half_its_bytes(big, kind):
+    """Under a memory limit of half the shard's bytes (a cgroup charging every page the
+    process allocates, reads or maps after its imports) a mapped shard answers as one read
+    into memory; the read one is killed by the limit."""
+    out = str(big / kind)
+    size = os.path.getsize(os.path.join(out, "shard-00000.faiss"))
+    queries = synthetic.clustered_queries(20, dim=DIM, centres=2000, seed=1)
+    expected = [row[0] for row in [sh.IndexShard.load(out, 0, gpu="no").search(q[None], 10)
+                                   for q in queries]]
+    outcome = {}
+    for mmap in (True, False):
+        with memory_cgroup.limited_cgroup(f"retriever-test-{kind}") as cgroup:
+            proc = subprocess.run([sys.executable, "-c", LIMITED_PROBE, out,
+                                   "mmap" if mmap else "read", cgroup, str(size // 2),
+                                   json.dumps(queries.tolist())],
+                                  capture_output=True, text=True, cwd=REPO, timeout=300)
+        outcome[mmap] = json.loads(proc.stdout) if proc.returncode == 0 else proc.returncode
+    assert outcome[False] == -9, outcome[False]  # killed: the limit holds a read shard out
+    assert outcome[True]["peak"] <= size // 2
+    assert [[tuple(hit) for hit in row] for row in outcome[True]["hits"]] == expected
 
 
 def test_a_remote_shard_is_mapped_from_a_verified_cache_copy(tmp_path):
