@@ -14,7 +14,9 @@ length (256):
 - the peer: ``SentenceTransformer(minilm dir).encode(texts, batch_size=32)`` in this process,
   fp32 (its default), every core; its model load excluded;
 - the ceiling: the job's own ``Encoder`` (its default dtype: bf16 autocast on CPUs with native
-  bf16) in this process, torch threads = every core, no Ray; its model load excluded.
+  bf16) in this process, torch threads = every core, no Ray; its model load excluded;
+- with ``--peer-bf16``, the peer once more under ``torch.autocast`` bf16: what bf16 alone gives
+  on this CPU, which bounds job / peer (the job cannot beat its own in-process ceiling).
 
 Printed per collection: docs/s of each, job / peer (targets: >= 2.5 on SciFact, >= 2.0 on
 NPL), job / ceiling (target >= 0.8 on SciFact), the least cosine between job and peer vectors
@@ -94,8 +96,10 @@ def run_job(corpus: Path, out: Path, args, dtype: str = "auto"):
     return result, wall
 
 
-def run_peer(model_path: str, passages: list[str], cpus: int) -> tuple[np.ndarray, float]:
-    """sentence-transformers' fp32 ``encode``, every core (model load not timed)."""
+def run_peer(model_path: str, passages: list[str], cpus: int,
+             bf16: bool = False) -> tuple[np.ndarray, float]:
+    """sentence-transformers' ``encode``, every core (model load not timed): fp32 (its
+    default), or under bf16 autocast (``bf16``: what autocast alone gives on this CPU)."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -103,7 +107,8 @@ def run_peer(model_path: str, passages: list[str], cpus: int) -> tuple[np.ndarra
     st = SentenceTransformer(model_path, device="cpu")
     st.max_seq_length = 256
     started = time.perf_counter()
-    vectors = st.encode(passages, batch_size=32, normalize_embeddings=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        vectors = st.encode(passages, batch_size=32, normalize_embeddings=True)
     return vectors, time.perf_counter() - started
 
 
@@ -140,6 +145,8 @@ def measure_in_process(row: dict, corpora: dict, model_path: str, args, cpus: in
     _, ids, passages = corpora[row["point"]]
     encoder, _, row["ceiling_s"] = run_ceiling(args.model, passages, cpus)
     peer_vectors, row["peer_s"] = run_peer(model_path, passages, cpus)
+    if args.peer_bf16:
+        row["peer_bf16_s"] = run_peer(model_path, passages, cpus, bf16=True)[1]
     job_ids, job_vectors = embeddings.load(str(row["folder"]))
     order = {d: i for i, d in enumerate(job_ids)}
     job_vectors = job_vectors[[order[d] for d in ids]]
@@ -154,7 +161,10 @@ def measure_in_process(row: dict, corpora: dict, model_path: str, args, cpus: in
                                       st.encode(list(queries.values()), normalize_embeddings=True),
                                       list(queries))
     print(f"in-process {row['label']:>14}: ceiling {row['docs'] / row['ceiling_s']:.1f} docs/s, "
-          f"peer {row['docs'] / row['peer_s']:.1f} docs/s", flush=True)
+          f"peer {row['docs'] / row['peer_s']:.1f} docs/s" +
+          (f", peer under bf16 autocast {row['docs'] / row['peer_bf16_s']:.1f} docs/s "
+           f"({row['peer_s'] / row['peer_bf16_s']:.2f}x fp32)" if "peer_bf16_s" in row else ""),
+          flush=True)
 
 
 def points_of(args) -> list[tuple[str, int | None]]:
@@ -229,6 +239,8 @@ def main() -> int:
     parser.add_argument("--actors", type=int, default=0)
     parser.add_argument("--threads-per-actor", type=int, default=0)
     parser.add_argument("--fp32", action="store_true", help="also time the job in float32")
+    parser.add_argument("--peer-bf16", action="store_true",
+                        help="also time the peer under bf16 autocast (this CPU's bf16 speed-up)")
     parser.add_argument("--no-peer-at-sizes", action="store_true",
                         help="run the peer and the ceiling on the first row only")
     args = parser.parse_args()
