@@ -17,8 +17,9 @@ Prints one table:
   file), so a read task's memory is compared like for like.
 * **index** (``--vectors``, default 1e7; ``--quick``: 1e6; 0 skips): clustered vectors
   (d=128, ``synthetic.clustered_vectors``) written as an embeddings folder, built by the index
-  job into 8 IVF-PQ shards with an fp16 re-rank store (nprobe chosen on 1,000 held-out tuning
-  queries; SQ8's rounding exceeds the gaps between a blob's neighbours): build time, peak RSS
+  job into 8 IVF-PQ shards with an fp16 re-rank store of 64 x k candidates (nprobe chosen on
+  1,000 held-out tuning queries; SQ8's rounding exceeds the gaps between a blob's neighbours,
+  and at 1e7 vectors 4 x k PQ candidates miss them): build time, peak RSS
   of the build tasks, bytes per vector on disk next to the planner's figure (``planner
   error``), recall@10 against exact search on 1,000 other held-out queries.
 * **serve**: the 8 shards through the Ray Serve app without and with mmap: p50/p99 and QPS at
@@ -353,7 +354,10 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     # is fp16, not the default SQ8: a blob's points are nearly equidistant (median gap between
     # a query's 10th and 11th scores 7.7e-4 at 2e5 vectors), below SQ8's rounding, so an SQ8
     # re-rank caps recall@10 whatever nprobe and k_factor (0.963 at 2e5 vectors, 0.948 at
-    # 1e6 through the job); SQfp16 reaches 1.0 at 2e5 (benchmarks/rerank_recall.py).
+    # 1e6 through the job); SQfp16 reaches 1.0 at 2e5 (benchmarks/rerank_recall.py). And 64
+    # candidates a hit (``--k-factor``; default 4): at 1e7 vectors a blob's points are so close
+    # that PQ16's order keeps too few true neighbours in 4 x 10 candidates, and recall@10
+    # stopped at 0.754 for every nprobe (the index job's nprobe table, index-10000000.log).
     tuning = work / "tuning-queries"
     for folder, rows, stream in ((vectors, n, 0), (tuning, 1000, 2)):
         if not (folder / "manifest.json").exists():
@@ -362,7 +366,7 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     rc, peaks, seconds = run_job(cluster, ["jobs.index", "--embeddings", str(vectors),
                                            "--out", str(out), "--type", "ivfpq",
                                            "--shards", "8", "--workers", "2",
-                                           "--refine", "SQfp16",
+                                           "--refine", "SQfp16", "--k-factor", "64",
                                            "--queries", str(tuning), "--replace"],
                                  work / f"index-{n}.log")
     if rc != 0:
@@ -376,7 +380,8 @@ def index_section(cluster, work: Path, n: int, seed: int) -> list[str]:
     found = sh.search_all(sh.load_all(str(out), gpu=False, mmap=True), queries, 10)
     recall = recall_at_10(found, truth)
     del found
-    lines = [f"index ({n:,} clustered vectors, d=128, 8 IVF-PQ shards with an fp16 re-rank store)",
+    lines = [f"index ({n:,} clustered vectors, d=128, 8 IVF-PQ shards; fp16 re-rank of 64 x k "
+             "candidates)",
              f"  build time {seconds:.0f}s{' (REUSED: not built in this run)' if reused else ''}, peak RSS of build tasks "
              f"{peaks.get('build', 0) / 2**20:,.0f} MiB, "
              f"driver {peaks.get('driver', 0) / 2**20:,.0f} MiB",

@@ -40,6 +40,12 @@ def describe(manifest: dict) -> str:
                      f"{recall['queries_from']}): {recall['value']:.4f} at {recall['param']}="
                      f"{recall['chosen']} (target {recall['target']}); {recall['param']} -> "
                      f"recall: {curve}")
+        if not recall.get("reached", True):
+            lift = ("more candidates (--k-factor) or finer codes (--refine, --pq-m)"
+                    if recall["param"] == "nprobe" else "finer codes (--refine)")
+            lines.append(f"target recall {recall['target']} not reached: recall stops at "
+                         f"{recall['value']:.4f} whatever {recall['param']}, so the smallest "
+                         f"value on that plateau is used; {lift} lift it")
     sparse = manifest.get("sparse")
     if sparse:
         stats = sparse["stats"]

@@ -248,3 +248,24 @@ def test_shard_search_orders_ties_by_doc_id_descending(tmp_path):
     sh.build(str(tmp_path / "emb"), str(tmp_path / "idx"), 3, sh.IndexSpec("flat"))
     hits = sh.search_all(sh.load_all(str(tmp_path / "idx")), vectors[:1], 5)[0]
     assert [d for d, _ in hits] == ["d39", "d38", "d37", "d36", "d35"]
+
+
+def test_an_unreachable_recall_target_takes_the_cheapest_value_on_the_plateau(tmp_path, capsys):
+    """4-bit PQ codes and no re-rank cap recall@10 well below 0.95 for every nprobe: the job
+    says so and serves the smallest nprobe within 0.005 of the best, not the costliest."""
+    from retriever.io import synthetic
+
+    vectors = synthetic.clustered_vectors(6000, dim=64, centres=50, seed=0)
+    write_embeddings(str(tmp_path / "emb"), [f"d{i}" for i in range(6000)], vectors,
+                     {"model": "synthetic"})
+    out = str(tmp_path / "ivfpq")
+    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--type", "ivfpq",
+                 "--nlist", "64", "--pq-m", "4", "--pq-nbits", "4", "--refine", "none",
+                 "--out", out]) == 0
+    recall = sh.read_manifest(out)["recall"]
+    curve = {int(v): r for v, r in recall["per_value"].items()}
+    assert not recall["reached"] and max(curve.values()) < 0.95
+    plateau = [v for v, r in curve.items() if r >= max(curve.values()) - sh.PLATEAU]
+    assert recall["chosen"] == min(plateau) < max(curve)
+    assert sh.read_manifest(out)["search_params"]["nprobe"] == recall["chosen"]
+    assert "target recall 0.95 not reached" in capsys.readouterr().out

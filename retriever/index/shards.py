@@ -56,7 +56,7 @@ Manifest keys: ``format`` ("retriever.index/1"), ``type``, ``factory``, ``metric
 the capacity plan's figure for the same factory, "planned_per_vector",
 "planned_fixed_per_shard", "planner_error"}), ``search_params`` ({"nprobe": n, "k_factor": f}
 / {"efSearch": n} / {"k_factor": f} / {}), ``recall`` (at, value, queries, param, chosen,
-per search parameter; every type but flat), ``train`` (sample size, seed), ``gpu``,
+reached, per search parameter; every type but flat), ``train`` (sample size, seed), ``gpu``,
 ``source`` (embeddings URL, its manifest's sha256, encoder settings, dtype, rows), ``identity`` (what a rebuild must match
 for the index to be reused: the embeddings' part checksums and the build settings),
 ``code_version``, ``created``. Loading checks every shard and id map against its sha256.
@@ -257,8 +257,13 @@ def recall(exact: list[list[Hit]], approx: list[list[Hit]]) -> float:
     return float(np.mean(values)) if values else 1.0
 
 
+PLATEAU = 0.005  # recall this close to the best counts as the best (target out of reach)
+
+
 def merge_probe(entries: list[dict], spec: IndexSpec) -> dict:
-    """Merged recall per search value, and the chosen value (smallest reaching the target)."""
+    """Merged recall per search value, and the chosen value: the smallest reaching the target;
+    when none does (``reached`` false: the candidates or re-rank codes cap recall, not the
+    search value), the smallest within ``PLATEAU`` of the best, not the costliest."""
     k = spec.recall_at
     exact = [merge(rows, k) for rows in zip(*(e.pop("probe_exact") for e in entries))]
     approx_by_value = [e.pop("probe_approx") for e in entries]
@@ -268,8 +273,10 @@ def merge_probe(entries: list[dict], spec: IndexSpec) -> dict:
         merged = [merge(rows, k) for rows in zip(*(a[value] for a in approx_by_value))]
         per_value[value] = recall(exact, merged)
     reaching = [v for v in values if per_value[v] >= spec.target_recall]
-    chosen = reaching[0] if reaching else values[-1]
+    best = max(per_value.values(), default=0.0)
+    chosen = (reaching or [v for v in values if per_value[v] >= best - PLATEAU])[0]
     return {"at": k, "value": per_value[chosen], "chosen": chosen, "target": spec.target_recall,
+            "reached": bool(reaching),
             "queries": len(exact), "param": spec.param or "none",
             "per_value": {str(v): per_value[v] for v in values}}
 
