@@ -172,7 +172,12 @@ def test_a_mapped_shard_is_served_in_half_its_bytes(big, kind):
         outcome[mmap] = json.loads(proc.stdout) if proc.returncode == 0 else proc.returncode
     assert outcome[False] == -9, outcome[False]  # killed: the limit holds a read shard out
     assert outcome[True]["peak"] <= size // 2
-    assert [[tuple(hit) for hit in row] for row in outcome[True]["hits"]] == expected
+    got = outcome[True]["hits"]
+    # The same hits; scores to float32 rounding (this process and the child may sum in a
+    # different SIMD order: one CI run differed in the 7th digit).
+    assert [[doc for doc, _ in row] for row in got] == [[doc for doc, _ in row] for row in expected]
+    assert np.allclose([s for row in got for _, s in row], [s for row in expected for _, s in row],
+                       rtol=0, atol=1e-5)
 
 
 def test_a_remote_shard_is_mapped_from_a_verified_cache_copy(tmp_path):
