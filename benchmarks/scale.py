@@ -45,7 +45,6 @@ between sizes measured in the same run are meant to be compared.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -526,30 +525,39 @@ def rss():
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
                 if line.startswith("VmRSS:"))
 
-memory_cgroup.join(cgroup, limit)  # from here on, what this process allocates or maps counts
+if cgroup != "-":  # from here on, what this process allocates or maps counts
+    memory_cgroup.join(cgroup, limit)
 before = rss()
 shard = sh.IndexShard.load(folder, 0, manifest, gpu="no", mmap=mmap)
 digest = hashlib.sha256()
 for query in queries:
     for doc_id, _ in shard.search(query[None], 10)[0]:
         digest.update(doc_id.encode() + b"\0")
-print(json.dumps({"digest": digest.hexdigest(), "peak": memory_cgroup.peak(cgroup),
-                  "rss_growth": rss() - before}))
+print(json.dumps({"digest": digest.hexdigest(), "rss_growth": rss() - before,
+                  "peak": memory_cgroup.peak(cgroup) if cgroup != "-" else None}))
 """
 
 
-def limited_probe(index: Path, queries: Path, mmap: bool, limit: int) -> dict:
+def limited_probe(index: Path, queries: Path, mmap: bool, limit: int | None = None) -> dict:
     """Shard 0 loaded and searched (as :func:`shard_anon`) in a fresh process whose memory
     after start-up (anonymous and page cache, mapped shard pages included) is limited to
-    ``limit`` bytes by a memory cgroup (``tests/memory_cgroup.py``): its answers' digest, peak
-    charge and RSS growth, or ``killed`` when the limit's OOM killer ended it."""
+    ``limit`` bytes by a memory cgroup (``tests/memory_cgroup.py``; None: no limit): its
+    answers' digest, peak charge and RSS growth, or ``killed`` when the limit's OOM killer
+    ended it."""
     from tests import memory_cgroup
 
-    with memory_cgroup.limited_cgroup(f"retriever-scale-{int(mmap)}") as cgroup:
-        memory_cgroup.drop_cached_pages([index, Path(os.environ["RETRIEVER_SHARD_CACHE"])])
-        proc = subprocess.run([sys.executable, "-c", LIMITED_PROBE, str(index),
-                               "mmap" if mmap else "read", str(queries), cgroup, str(limit)],
+    def run(cgroup: str = "-") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", LIMITED_PROBE, str(index),
+                               "mmap" if mmap else "read", str(queries), cgroup,
+                               str(limit or 0)],
                               capture_output=True, text=True, cwd=REPO, timeout=900)
+
+    if limit is None:
+        proc = run()
+    else:
+        with memory_cgroup.limited_cgroup(f"retriever-scale-{int(mmap)}") as cgroup:
+            memory_cgroup.drop_cached_pages([index, Path(os.environ["RETRIEVER_SHARD_CACHE"])])
+            proc = run(cgroup)
     if proc.returncode != 0:
         return {"killed": proc.returncode == -9, "error": proc.stderr[-300:]}
     return json.loads(proc.stdout.splitlines()[-1])
@@ -558,7 +566,6 @@ def limited_probe(index: Path, queries: Path, mmap: bool, limit: int) -> dict:
 def limited_lines(index: Path, queries: np.ndarray, shard_bytes: int) -> list[str]:
     """Shard 0 served under a memory limit of half its bytes, with and without mmap: the
     mapped searcher must answer as it does unlimited, and the read one must not fit."""
-    from retriever.index import shards as sh
     from tests import memory_cgroup
 
     head = ("  searcher under a memory limit of 0.5x its shard (a cgroup, on all it allocates "
@@ -566,19 +573,14 @@ def limited_lines(index: Path, queries: np.ndarray, shard_bytes: int) -> list[st
     if memory_cgroup.writable_root() is None:
         return [f"{head}: skipped (needs root and a memory cgroup controller)"]
     path = index.parent / "probe-queries.npy"
-    digest = hashlib.sha256()
-    shard = sh.IndexShard.load(str(index), 0, gpu="no", mmap=True)  # the unlimited answers
-    for query in np.load(path):
-        for doc_id, _ in shard.search(query[None], 10)[0]:
-            digest.update(doc_id.encode() + b"\0")
-    del shard
+    unlimited = limited_probe(index, path, True)["digest"]
     lines = [f"{head}, {len(queries):,} queries one at a time"]
     for mmap in (True, False):
         got = limited_probe(index, path, mmap, shard_bytes // 2)
         if "digest" in got:
             lines.append(
                 f"    mmap={str(mmap):5} answered; same answers as unlimited: "
-                f"{got['digest'] == digest.hexdigest()}; peak charge "
+                f"{got['digest'] == unlimited}; peak charge "
                 f"{got['peak'] / shard_bytes:.2f}x shard, RSS growth "
                 f"{got['rss_growth'] / shard_bytes:.2f}x shard")
         else:
